@@ -1,0 +1,61 @@
+"""Typed configuration shared by the CLI, the Ray jobs and Serve; one YAML schema for all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StorageConfig(Section):
+    """Object storage: credentials come from the standard AWS environment/config files."""
+
+    endpoint_url: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:8333; None for AWS",
+    )
+    region: str = Field(default_factory=lambda: os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+
+class ReformulateConfig(Section):
+    input: str = Field(description="local path or s3://bucket/prefix (files or a folder), or hf://name / a save_to_disk folder")
+    output: str = Field(description="local path or s3://bucket/prefix; subsets go to contrastive/ and equal/")
+    format: Literal["canonical", "ultrafeedback", "hh_rlhf_scores"] = "canonical"
+    objectives: str = Field("ultrafeedback", description="built-in set name or a YAML file")
+    template: Literal["paper", "hh_rlhf", "ultrafeedback", "imhi"] = "paper"
+    seed: int = 42
+    score_decimals: int = Field(1, ge=0, le=10, description="scores are equal after rounding to this many decimals")
+    batch_size: int = Field(8192, ge=1)
+    concurrency: int | None = Field(None, ge=1, description="parallel transform tasks (None: Ray decides)")
+
+
+class MetaAlignerConfig(Section):
+    """The whole project's config; every job reads the sections it needs."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    reformulate: ReformulateConfig | None = None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> MetaAlignerConfig:
+    """Load a YAML config and apply `section.key` -> value overrides (None values are ignored)."""
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][key] = value
+    return MetaAlignerConfig.model_validate(data)

@@ -1,0 +1,87 @@
+"""Model folders: safe loading (safetensors only) and tiny from-config models for tests and demos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """A local Hugging Face folder with config.json and safetensors weights, or a clear error."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder}: no *.safetensors weights; only safetensors are loaded (convert .bin/.pt first)")
+    return folder
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, padding_side=padding_side)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{path}: tokenizer has no EOS token")
+    if tok.pad_token_id is None:  # LLaMA convention of the reference code: pad = unk
+        if tok.unk_token_id is None:
+            raise ValueError(f"{path}: tokenizer has neither a pad nor an unk token to pad with")
+        tok.pad_token = tok.unk_token
+    return tok
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None, device: str | None = None):
+    """AutoModelForCausalLM from a checked local folder, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    folder = check_model_folder(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
+    )
+    return model.to(device) if device else model
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained locally (nothing is downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def create_tiny_model(
+    folder: str | Path,
+    texts: Iterable[str],
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised tiny Llama + locally trained tokenizer as a HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,67 @@
+"""Shared real components for the suite: one SeaweedFS S3 server and one local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local cluster only
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server on 127.0.0.1; its AWS_* variables are exported so Ray workers inherit them."""
+    from metaaligner.s3server import LocalS3Server
+
+    server = LocalS3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket per test; returns its name."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def storage_config(s3_server):
+    from metaaligner.config import StorageConfig
+
+    return StorageConfig(endpoint_url=s3_server.endpoint_url, region="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the whole session (started after the S3 server so workers see its env)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama + locally trained tokenizer, saved as a Hugging Face folder (safetensors)."""
+    from metaaligner.modeling import create_tiny_model
+    from metaaligner.objectives import load_objective_set
+    from metaaligner.prompts import get_template
+
+    corpus = [get_template(p).render("better", "x", "What is the answer?", "An answer.") for p in ("paper", "hh_rlhf")]
+    corpus += [load_objective_set(s).render(load_objective_set(s).names) for s in ("hh_rlhf", "ultrafeedback", "unseen")]
+    corpus += ["Thank you for asking. The quick brown fox jumps over the lazy dog."] * 5
+    return create_tiny_model(tmp_path_factory.mktemp("tiny-model"), corpus * 20)
