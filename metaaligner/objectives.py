@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-BUILTIN_SETS = ("hh_rlhf", "ultrafeedback", "imhi", "unseen")
+BUILTIN_SETS = ("hh_rlhf", "ultrafeedback", "imhi", "unseen", "synthetic")
 SEPARATOR = "; "
 
 

@@ -1,0 +1,1 @@
+"""Dynamic objectives reformulation: preference pairs -> supervised correction items."""

@@ -1,0 +1,87 @@
+"""Validation of canonical pairs: id, question, response_1, response_2, preferences or scores."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from metaaligner.data.schema import PREFERENCE_SYMBOLS, Rejected
+from metaaligner.objectives import ObjectiveSet
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    question: str
+    response_1: str
+    response_2: str
+    preferences: dict[str, str]  # objective name -> ">" | "<" | "="
+
+
+def _text(record: dict, field: str) -> str:
+    value = record.get(field)
+    if value is None:
+        raise Rejected("missing_field", f"{field} is missing")
+    if not isinstance(value, str):
+        raise Rejected("wrong_type", f"{field} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise Rejected("empty_field", f"{field} is empty")
+    return value
+
+
+def _mapping(value, field: str) -> dict:
+    """Accept a dict (JSON / Arrow struct), a list of (key, value) (Arrow map) or a JSON string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise Rejected("wrong_type", f"{field} is a string but not a JSON object") from None
+    if isinstance(value, list) and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in value):
+        value = dict(value)
+    if not isinstance(value, dict):
+        raise Rejected("wrong_type", f"{field} must be a mapping of objective name to value, got {type(value).__name__}")
+    return {k: v for k, v in value.items() if v is not None}  # Arrow structs fill absent keys with null
+
+
+def _check_names(names, objectives: ObjectiveSet) -> None:
+    unknown = sorted(str(n) for n in names if n not in objectives)
+    if unknown:
+        raise Rejected("unknown_objective", f"objectives {unknown} are not in set {objectives.name!r} ({objectives.names})")
+
+
+def _number(value, field: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise Rejected("bad_score", f"{field}[{name!r}] must be a number, got {value!r}")
+    return float(value)
+
+
+def preferences_from_scores(scores_1: dict, scores_2: dict, decimals: int) -> dict[str, str]:
+    """Per objective: the higher score wins; equal after rounding to `decimals` is a tie."""
+    prefs = {}
+    for name in scores_1.keys() & scores_2.keys():
+        a = round(_number(scores_1[name], "scores_1", name), decimals)
+        b = round(_number(scores_2[name], "scores_2", name), decimals)
+        prefs[name] = ">" if a > b else "<" if a < b else "="
+    return prefs
+
+
+def validate_pair(record: dict, objectives: ObjectiveSet, score_decimals: int) -> Pair:
+    """A canonical record -> Pair, or Rejected with the first problem found."""
+    pair_id = _text(record, "id")
+    question, r1, r2 = (_text(record, f) for f in ("question", "response_1", "response_2"))
+    if record.get("preferences") is not None:
+        prefs = _mapping(record["preferences"], "preferences")
+        bad = sorted({repr(v) for v in prefs.values() if not isinstance(v, str) or v not in PREFERENCE_SYMBOLS})
+        if bad:
+            raise Rejected("bad_preference_symbol", f"preference values must be '>', '<' or '=', got {', '.join(bad)}")
+    elif record.get("scores_1") is not None and record.get("scores_2") is not None:
+        s1, s2 = _mapping(record["scores_1"], "scores_1"), _mapping(record["scores_2"], "scores_2")
+        _check_names(s1.keys() | s2.keys(), objectives)
+        prefs = preferences_from_scores(s1, s2, score_decimals)
+    else:
+        raise Rejected("missing_field", "preferences (or scores_1 and scores_2) is missing")
+    _check_names(prefs.keys(), objectives)
+    if not prefs:
+        raise Rejected("no_objectives", "no objective has a preference label")
+    return Pair(pair_id, question, r1, r2, prefs)
