@@ -31,6 +31,7 @@ class ObjectiveSet:
         self.name = name
         self.objectives = list(objectives)
         self.by_name = {o.name: o for o in objectives}
+        self._rendered = {o.name: o.render() for o in objectives}
         if len(self.by_name) != len(objectives):
             raise ValueError(f"objective set {name!r} has duplicate names")
 
@@ -46,7 +47,7 @@ class ObjectiveSet:
 
     def render(self, names: list[str]) -> str:
         """Render objectives (in the given order) as 'Name: description; Name: description'."""
-        return render_objectives([self.by_name[n] for n in names])
+        return SEPARATOR.join([self._rendered[n] for n in names])
 
 
 def render_objectives(objectives: list[Objective]) -> str:

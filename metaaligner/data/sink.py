@@ -43,8 +43,8 @@ class ReformulationSink(Datasink[Counter]):
                     result = self.reformulator(table.slice(start, self.batch_size).to_pylist())
                     counts.update(result.counts)
                     for subset in SUBSETS:
-                        if result.items[subset]:
-                            batch = pa.Table.from_pylist(result.items[subset], schema=ITEM_SCHEMA)
+                        if result.items[subset]["id"]:
+                            batch = pa.Table.from_pydict(result.items[subset], schema=ITEM_SCHEMA)
                             self._writer(writers, subset, ITEM_SCHEMA, ctx.task_idx).write_table(batch)
                     if result.quarantine:
                         batch = pa.Table.from_pylist(result.quarantine, schema=QUARANTINE_SCHEMA)

@@ -12,7 +12,7 @@ from metaaligner.data.adapters import ADAPTERS
 from metaaligner.data.algorithm import reformulate_pair
 from metaaligner.data.dedup import occurrence_keys
 from metaaligner.data.pairs import validate_pair
-from metaaligner.data.schema import Rejected
+from metaaligner.data.schema import ITEM_SCHEMA, SUBSETS, Rejected
 from metaaligner.objectives import ObjectiveSet
 from metaaligner.prompts import Template
 
@@ -20,9 +20,13 @@ SOURCE_COLUMN = "path"  # added by Ray Data readers with include_paths=True
 TEXT_COLUMN = "text"  # JSON lines read as text, parsed here so a bad line is quarantined, not fatal
 
 
+def _columns() -> dict[str, list]:
+    return {name: [] for name in ITEM_SCHEMA.names}
+
+
 @dataclass
 class BatchResult:
-    items: dict[str, list[dict]] = field(default_factory=lambda: {"contrastive": [], "equal": []})
+    items: dict[str, dict[str, list]] = field(default_factory=lambda: {s: _columns() for s in SUBSETS})
     quarantine: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
@@ -89,7 +93,9 @@ class Reformulator:
                 continue
             out.counts["valid_pairs"] += 1
             for item in reformulate_pair(pair, self.objectives, self.template, self.seed):
-                out.items[item["subset"]].append(item)
+                columns = out.items[item["subset"]]
+                for name, value in item.items():
+                    columns[name].append(value)
                 out.counts[f"items.{item['subset']}"] += 1
                 for name in item["objectives"]:
                     out.counts[f"objective.{item['subset']}.{name}"] += 1
