@@ -66,12 +66,19 @@ def with_defects(answer: str, defects: list[str], rng: random.Random) -> str:
     return answer
 
 
-def make_pair(pair_id: str, rng: random.Random) -> dict:
-    """A canonical pair: two answers to one question with random defect sets, labelled per objective."""
+def make_pair(pair_id: str, rng: random.Random, apart: tuple[str, str] | None = None) -> dict:
+    """A canonical pair: two answers to one question with random defect sets, labelled per objective.
+
+    `apart` names two objectives that never get the same label, so no item lists them together
+    (a combination held out of training, for the zero-shot part of the learning check).
+    """
     question, clean = question_and_answer(rng)
-    d1 = [o for o in OBJECTIVES if rng.random() < 0.35]
-    d2 = [o for o in OBJECTIVES if rng.random() < 0.5]
-    prefs = {o: "=" if (o in d1) == (o in d2) else ">" if o in d2 else "<" for o in OBJECTIVES}
+    while True:
+        d1 = [o for o in OBJECTIVES if rng.random() < 0.35]
+        d2 = [o for o in OBJECTIVES if rng.random() < 0.5]
+        prefs = {o: "=" if (o in d1) == (o in d2) else ">" if o in d2 else "<" for o in OBJECTIVES}
+        if apart is None or prefs[apart[0]] != prefs[apart[1]]:
+            break
     return {"id": pair_id, "question": question, "response_1": with_defects(clean, d1, rng),
             "response_2": with_defects(clean, d2, rng), "preferences": prefs}
 
@@ -83,11 +90,12 @@ def make_eval_item(item_id: str, rng: random.Random, objectives: list[str]) -> d
             "original": with_defects(clean, objectives, rng), "objectives": list(objectives)}
 
 
-def write_pairs(path: str | Path, n: int, seed: int = 0, id_prefix: str = "syn") -> Path:
+def write_pairs(path: str | Path, n: int, seed: int = 0, apart: tuple[str, str] | None = None) -> Path:
+    """Write n synthetic canonical pairs as JSON lines."""
     rng = random.Random(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps(make_pair(f"{id_prefix}-{seed}-{i}", rng)) + "\n")
+            f.write(json.dumps(make_pair(f"syn-{seed}-{i}", rng, apart)) + "\n")
     return path
