@@ -87,18 +87,22 @@ class Reformulator:
             except Rejected as r:
                 self._quarantine(out, r.reason, r.detail, record, source)
         owners = self._claim([p.id for p, _, _ in valid], [s for _, _, s in valid]) if valid else []
+        per_objective: Counter = Counter()  # (subset, objective) -> items
         for (pair, record, source), owner in zip(valid, owners):
             if not owner:
                 self._quarantine(out, "duplicate_id", f"id {pair.id!r} was already used by another pair", record, source)
                 continue
             out.counts["valid_pairs"] += 1
             for item in reformulate_pair(pair, self.objectives, self.template, self.seed):
-                columns = out.items[item["subset"]]
-                for name, value in item.items():
-                    columns[name].append(value)
-                out.counts[f"items.{item['subset']}"] += 1
+                subset = item["subset"]
+                for name, column in out.items[subset].items():
+                    column.append(item[name])
                 for name in item["objectives"]:
-                    out.counts[f"objective.{item['subset']}.{name}"] += 1
+                    per_objective[subset, name] += 1
+        for subset, columns in out.items.items():
+            out.counts[f"items.{subset}"] += len(columns["id"])
+        for (subset, name), n in per_objective.items():
+            out.counts[f"objective.{subset}.{name}"] += n
         return out
 
     def _claim(self, ids: list[str], sources: list[str]) -> list[bool]:
