@@ -36,26 +36,51 @@ class ReformulateConfig(Section):
     concurrency: int | None = Field(None, ge=1, description="parallel transform tasks (None: Ray decides)")
 
 
+from metaaligner.serving.config import CorrectConfig, ServeConfig  # noqa: E402  (sections subclass Section)
+from metaaligner.training.config import TrainConfig  # noqa: E402
+from metaaligner.evaluation.config import EvaluateConfig  # noqa: E402
+
+
 class MetaAlignerConfig(Section):
     """The whole project's config; every job reads the sections it needs."""
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
     reformulate: ReformulateConfig | None = None
+    train: TrainConfig | None = None
+    serve: ServeConfig | None = None
+    correct: CorrectConfig | None = None
+    evaluate: EvaluateConfig | None = None
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A config mapping; `include: [other.yaml, ...]` (relative to this file) is merged underneath."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"{path}: include cycle")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of sections")
+    merged: dict = {}
+    for name in data.pop("include", None) or []:
+        merged = _deep_merge(merged, read_yaml(path.parent / name, (*_seen, path)))
+    return _deep_merge(merged, data)
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> MetaAlignerConfig:
     """Load a YAML config and apply `section.key` -> value overrides (None values are ignored)."""
-    data = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping of sections")
+    data = read_yaml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
-        data.setdefault(section, {})
-        if data[section] is None:
+        if data.get(section) is None:
             data[section] = {}
         data[section][key] = value
     return MetaAlignerConfig.model_validate(data)
