@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from metaaligner.evaluation.config import EvaluateConfig
+from metaaligner.section import Section
+from metaaligner.serving.config import CorrectConfig, ServeConfig
+from metaaligner.training.config import TrainConfig
 
 
 class StorageConfig(Section):
@@ -35,10 +36,6 @@ class ReformulateConfig(Section):
     batch_size: int = Field(8192, ge=1)
     concurrency: int | None = Field(None, ge=1, description="parallel transform tasks (None: Ray decides)")
 
-
-from metaaligner.serving.config import CorrectConfig, ServeConfig  # noqa: E402  (sections subclass Section)
-from metaaligner.training.config import TrainConfig  # noqa: E402
-from metaaligner.evaluation.config import EvaluateConfig  # noqa: E402
 
 
 class MetaAlignerConfig(Section):

@@ -3,10 +3,12 @@ trains a tiny model with one Ray Train worker per node."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +33,17 @@ def free_ports(n):
 
 
 def start_node(args, ports, resources, log):
+    """`ray start --block` with its own ports and temp dir (two nodes on one machine must not share runtime_resources)."""
     gcs, mgr, obj, agent, agent_grpc, metrics, rt_env, client = ports
-    cmd = [RAY, "start", "--block", *args, "--num-cpus=2", f"--resources={json.dumps(resources)}",
+    temp_dir = tempfile.mkdtemp(prefix="ma-ray-")  # short: Unix socket paths live below it
+    cmd = [RAY, "start", "--block", *args, "--num-cpus=2", f"--resources={json.dumps(resources)}", f"--temp-dir={temp_dir}",
            "--object-store-memory=150000000", f"--node-manager-port={mgr}", f"--object-manager-port={obj}",
            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", "--node-ip-address=127.0.0.1"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc.temp_dir = temp_dir
+    return proc
 
 
 def stop_node(proc):
@@ -48,6 +54,7 @@ def stop_node(proc):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+    shutil.rmtree(proc.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -116,7 +123,8 @@ def test_job_on_two_nodes_reformulates_and_trains(two_node_cluster, s3_bucket, s
         runtime_env={"working_dir": str(REPO),
                      "excludes": [".venv", ".git", "runs", "demo_output", "bench", "tests", ".device", "*.log"],
                      "env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                             "AWS_ENDPOINT_URL", "AWS_REGION")}},
+                                                             "AWS_ENDPOINT_URL", "AWS_REGION")}
+                     | {"METAALIGNER_DEBUG": "1"}},
     )
     deadline = time.monotonic() + 600
     while (status := jobs.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:

@@ -1,0 +1,1 @@
+"""Evaluation: per-objective win rates against golden answers with pluggable judges (issue 5)."""

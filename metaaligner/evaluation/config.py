@@ -1,0 +1,113 @@
+"""Typed `evaluate:` section of the shared config: the evaluation set, the judge and the statistics."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from metaaligner.section import Section
+
+
+RESERVED_COLUMNS = frozenset({"id", "objectives", "error", "hashes", "copy_distance"})
+
+
+class JudgeConfig(Section):
+    """Which judge decides each pairwise comparison, and how it is called."""
+
+    kind: Literal["llm", "reward_model", "rules"] = "rules"
+    # llm: any OpenAI-compatible chat-completions endpoint
+    url: str | None = Field(None, description="base URL, e.g. https://api.openai.com/v1 (+ /chat/completions)")
+    model: str | None = Field(None, max_length=200, description="model name sent to the endpoint")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="NAME of the env var holding the key; None: no auth")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(512, ge=1, le=8192)
+    concurrency: int = Field(8, ge=1, le=256, description="requests in flight per judge worker")
+    max_retries: int = Field(5, ge=0, le=20, description="retries per request on 429/5xx/timeouts/connection errors")
+    backoff_s: float = Field(1.0, ge=0.0, le=60.0, description="first retry delay; doubles each retry")
+    max_backoff_s: float = Field(30.0, ge=0.0, le=600.0)
+    timeout_s: float = Field(60.0, gt=0.0, le=600.0, description="per-request timeout")
+    invalid_retries: int = Field(2, ge=0, le=10, description="re-asks after an unparseable reply before `invalid`")
+    # reward_model: a Hugging Face sequence-classification folder (safetensors only)
+    model_path: str | None = Field(None, description="local folder; one head per objective or a single head")
+    heads: dict[str, int] | None = Field(None, description="objective -> logit index (default: id2label names, else 0)")
+    tie_margin: float = Field(0.0, ge=0.0, description="|score difference| <= margin counts as a tie")
+    max_length: int = Field(1024, ge=8, le=32768, description="tokens of question + answer fed to the reward model")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    trust_remote_code: bool = False
+    # rules: Python predicates per objective (see metaaligner.evaluation.judges.rules)
+    rules: str = Field("synthetic", description="name of a registered rule set")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "JudgeConfig":
+        if self.kind == "llm" and not (self.url and self.model):
+            raise ValueError("judge.kind=llm needs judge.url and judge.model")
+        if self.kind == "llm" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"judge.url must be http(s)://, got {self.url!r}")
+        if self.kind == "reward_model" and not self.model_path:
+            raise ValueError("judge.kind=reward_model needs judge.model_path")
+        return self
+
+    def identity(self) -> dict:
+        """The settings that change verdicts (keys the resume cache); no secrets, no tuning knobs."""
+        if self.kind == "llm":
+            return {"kind": "llm", "url": self.url, "model": self.model, "temperature": self.temperature}
+        if self.kind == "reward_model":
+            return {"kind": "reward_model", "model_path": self.model_path, "heads": self.heads,
+                    "tie_margin": self.tie_margin, "max_length": self.max_length}
+        return {"kind": "rules", "rules": self.rules}
+
+
+class ZeroShotConfig(Section):
+    """Candidates corrected with one more unseen objective each, in order (the paper's Figure 3)."""
+
+    candidates: list[str] = Field(min_length=1, description="candidate columns, stage 0 first")
+    labels: list[str] | None = Field(None, description="x tick per stage, e.g. '+Specificity' (default: column names)")
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> "ZeroShotConfig":
+        if self.labels is not None and len(self.labels) != len(self.candidates):
+            raise ValueError("zero_shot.labels needs one label per zero_shot candidate")
+        return self
+
+
+class EvaluateConfig(Section):
+    input: str = Field(description="JSONL or Parquet file/folder, local or s3://: id, question, golden, candidates")
+    output: str = Field(description="local folder or s3://bucket/prefix for results, plots and the resume cache")
+    objectives: str = Field("synthetic", description="objective set (built-in name or YAML) giving the descriptions")
+    evaluate_objectives: list[str] | None = Field(
+        None, description="objectives for rows without an `objectives` value (default: the whole set)")
+    golden: str = Field("golden", description="column with the golden answer")
+    candidates: list[str] = Field(["original", "corrected"], min_length=1, description="answer columns to judge")
+    baseline: str | None = Field("original", description="candidate before correction (improvement, copy rate)")
+    treatment: str | None = Field("corrected", description="candidate after correction")
+    zero_shot: ZeroShotConfig | None = None
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    seed: int = Field(0, description="answer-order randomisation and bootstrap")
+    bootstrap_samples: int = Field(1000, ge=0, le=100_000, description="0 disables confidence intervals")
+    copy_threshold: float = Field(0.1, ge=0.0, le=1.0, description="normalised edit distance counted as a copy")
+    max_chars: int = Field(20_000, ge=1, le=1_000_000, description="longer texts are quarantined")
+    workers: int = Field(1, ge=1, le=1024, description="parallel judge workers (Ray actors)")
+    worker_cpus: float = Field(1.0, gt=0.0, le=64.0)
+    worker_gpus: float = Field(0.0, ge=0.0, le=8.0, description="per judge worker (reward model on cuda)")
+    batch_size: int = Field(32, ge=1, le=100_000, description="comparisons per judge batch (and cache shard)")
+
+    @model_validator(mode="after")
+    def _check_candidates(self) -> "EvaluateConfig":
+        names = set(self.candidates)
+        if len(names) != len(self.candidates):
+            raise ValueError("evaluate.candidates has duplicates")
+        reserved = names & (RESERVED_COLUMNS | {"question"}) | ({self.golden} & RESERVED_COLUMNS)
+        if reserved:
+            raise ValueError(f"evaluate: column names {sorted(reserved)} are reserved for the evaluation itself")
+        if self.golden in names:
+            raise ValueError("evaluate.golden must not be one of the candidates")
+        for field in ("baseline", "treatment"):
+            value = getattr(self, field)
+            if value is not None and value not in names:
+                raise ValueError(f"evaluate.{field}={value!r} is not in evaluate.candidates")
+        if self.zero_shot is not None:
+            missing = [c for c in self.zero_shot.candidates if c not in names]
+            if missing:
+                raise ValueError(f"evaluate.zero_shot candidates {missing} are not in evaluate.candidates")
+        return self

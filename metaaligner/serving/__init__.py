@@ -1,0 +1,1 @@
+"""Correction inference: the Corrector, the Ray Serve application and offline batch correction."""

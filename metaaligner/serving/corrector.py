@@ -1,0 +1,265 @@
+"""The Corrector: prompts from objectives + templates, and batched left-padded generation of corrections."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from metaaligner.config import StorageConfig
+from metaaligner.objectives import Objective, load_objective_set, render_objectives
+from metaaligner.prompts import PROFILES, get_template
+from metaaligner.serving.config import CorrectorConfig, GenerationConfig
+from metaaligner import storage as st
+
+
+class CorrectionInputError(ValueError):
+    """A request the corrector cannot serve as given (a 4xx, never a 500)."""
+
+    status_code = 422
+
+
+class InputTooLong(CorrectionInputError):
+    status_code = 413
+
+
+class UnknownObjectives(CorrectionInputError):
+    """Objective names not in the configured set; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+    @classmethod
+    def resolve(cls, overrides: Mapping | None, defaults: GenerationConfig) -> "GenerationParams":
+        """Request overrides on top of the configured defaults, checked against the configured bounds."""
+        o = {k: v for k, v in (overrides or {}).items() if v is not None}
+        unknown = set(o) - {"max_new_tokens", "temperature", "top_p"}
+        if unknown:
+            raise CorrectionInputError(f"unknown generation parameters: {sorted(unknown)}")
+        p = cls(int(o.get("max_new_tokens", defaults.max_new_tokens)), float(o.get("temperature", defaults.temperature)),
+                float(o.get("top_p", defaults.top_p)))
+        if not 1 <= p.max_new_tokens <= defaults.max_new_tokens_limit:
+            raise CorrectionInputError(f"max_new_tokens must be in [1, {defaults.max_new_tokens_limit}], got {p.max_new_tokens}")
+        if not 0.0 <= p.temperature <= 2.0:
+            raise CorrectionInputError(f"temperature must be in [0, 2], got {p.temperature}")
+        if not 0.0 < p.top_p <= 1.0:
+            raise CorrectionInputError(f"top_p must be in (0, 1], got {p.top_p}")
+        return p
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CorrectionPrompt:
+    prompt: str
+    objectives: list[str]
+    template: str
+    condition: str
+
+
+class Prompter:
+    """Model-free half of the corrector: objectives by name or free text, template profiles, prompt text."""
+
+    def __init__(self, config: CorrectorConfig):
+        self.config = config
+        self.objective_set = load_objective_set(config.objectives)
+        self._by_lower = {n.lower(): n for n in self.objective_set.names}
+
+    def objectives(self, specs: Sequence[str | Mapping | Objective]) -> list[Objective]:
+        """Names from the configured set (case-insensitive) or free-text {name, description} (unseen objectives)."""
+        if not specs:
+            raise CorrectionInputError("objectives must not be empty")
+        out, unknown = [], []
+        for spec in specs:
+            if isinstance(spec, Objective):
+                out.append(spec)
+            elif isinstance(spec, str):
+                name = self._by_lower.get(spec.strip().lower())
+                if name is None:
+                    unknown.append(spec)
+                else:
+                    out.append(self.objective_set[name])
+            elif isinstance(spec, Mapping) and str(spec.get("name", "")).strip() and str(spec.get("description", "")).strip():
+                out.append(Objective(str(spec["name"]).strip(), str(spec["description"]).strip()))
+            else:
+                raise CorrectionInputError(f"an objective is a name or {{name, description}}, got {spec!r}")
+        if unknown:
+            raise UnknownObjectives(
+                f"unknown objectives {unknown} for set {self.objective_set.name!r}; valid names: {self.objective_set.names} "
+                "(or give {name, description} for a new objective)")
+        names = [o.name.lower() for o in out]
+        if len(set(names)) != len(names):
+            raise CorrectionInputError(f"duplicate objectives: {[o.name for o in out]}")
+        return out
+
+    def build(self, question: str, answer: str, objectives: Sequence, template: str | None = None,
+              condition: str | None = None) -> CorrectionPrompt:
+        profile = template or self.config.template
+        if profile not in PROFILES:
+            raise CorrectionInputError(f"unknown template {profile!r}; valid: {list(PROFILES)}")
+        cond = condition or self.config.condition
+        objs = self.objectives(objectives)
+        text = get_template(profile).render(cond, render_objectives(objs), question, answer)
+        return CorrectionPrompt(text, [o.name for o in objs], profile, cond)
+
+
+def local_model_path(uri: str, cache_dir: str, storage: StorageConfig | None = None) -> Path:
+    """A local folder for the model: the path itself, or an s3:// folder copied once into the cache (atomically)."""
+    if not st.is_s3(uri):
+        return Path(uri).expanduser()
+    dest = Path(cache_dir).expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    st.copy_dir(uri, str(tmp), storage or StorageConfig())
+    (tmp / ".complete").write_text(uri + "\n", encoding="utf-8")
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class TextGenerator:
+    """A causal LM and its tokenizer: batched, left-padded generation returning only the new text."""
+
+    def __init__(self, config: CorrectorConfig, storage: StorageConfig | None = None):
+        import torch
+
+        from metaaligner.modeling import check_model_folder, load_model, load_tokenizer
+
+        self.config = config
+        self.folder = check_model_folder(local_model_path(config.model, config.cache_dir, storage))
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+        self.device = device
+        self.tokenizer = load_tokenizer(self.folder, trust_remote_code=config.trust_remote_code, padding_side="left")
+        self.model = load_model(self.folder, trust_remote_code=config.trust_remote_code, dtype=dtype, device=device).eval()
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        self._lock = threading.Lock()  # one generate at a time per model (batch thread vs stream thread)
+
+    def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """Token ids of the prompt, or InputTooLong stating the limit."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        limit = self.context_length - max_new_tokens
+        if self.config.max_input_tokens is not None:
+            limit = min(limit, self.config.max_input_tokens)
+        if len(ids) > limit:
+            raise InputTooLong(f"prompt is {len(ids)} tokens; the limit is {limit} "
+                               f"(context {self.context_length}, max_new_tokens {max_new_tokens})")
+        return ids
+
+    def _kwargs(self, params: GenerationParams, max_new_tokens: int) -> dict:
+        kw = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+              "eos_token_id": self.tokenizer.eos_token_id}
+        if params.temperature > 0:
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.config.static_cache:
+            kw.update(cache_implementation="static", disable_compile=not self.config.compile)
+        return kw
+
+    def _inputs(self, batch_ids: list[list[int]]):
+        padded = self.tokenizer.pad({"input_ids": batch_ids}, padding=True, return_tensors="pt",
+                                    pad_to_multiple_of=self.config.pad_to_multiple_of)
+        return {k: v.to(self.device) for k, v in padded.items()}
+
+    def generate(self, batch_ids: Sequence[list[int]], params: Sequence[GenerationParams]) -> list[Generation]:
+        """One generate call per distinct (temperature, top_p); max_new_tokens is per item (truncated after)."""
+        import torch
+
+        out: list[Generation | None] = [None] * len(batch_ids)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.temperature, p.top_p), []).append(i)
+        for idx in groups.values():
+            longest = max(params[i].max_new_tokens for i in idx)
+            inputs = self._inputs([list(batch_ids[i]) for i in idx])
+            width = inputs["input_ids"].shape[1]
+            with self._lock, torch.inference_mode():
+                seqs = self.model.generate(**inputs, **self._kwargs(params[idx[0]], longest))
+            for row, i in enumerate(idx):
+                out[i] = self._decode(seqs[row, width:].tolist()[: params[i].max_new_tokens], len(batch_ids[i]))
+        return out  # type: ignore[return-value]
+
+    def _decode(self, new: list[int], prompt_tokens: int) -> Generation:
+        """New tokens up to and including EOS (the rest is padding) -> text and usage."""
+        eos = self.tokenizer.eos_token_id
+        stop = eos in new
+        if stop:
+            new = new[: new.index(eos) + 1]
+        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Generation(text, prompt_tokens, len(new), "stop" if stop else "length")
+
+    def stream(self, ids: list[int], params: GenerationParams) -> Iterator[str | Generation]:
+        """Text pieces as they are generated, then the final Generation."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        inputs = self._inputs([ids])
+        result: list = []
+
+        def run():
+            try:
+                with self._lock, torch.inference_mode():
+                    seqs = self.model.generate(**inputs, streamer=streamer, **self._kwargs(params, params.max_new_tokens))
+                result.append(self._decode(seqs[0, inputs["input_ids"].shape[1]:].tolist(), len(ids)))
+            except BaseException as e:  # surfaced in the consumer
+                result.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        yield result[0]
+
+
+class Corrector:
+    """Library entry point: correct (question, answer) pairs for objectives with a MetaAligner model."""
+
+    def __init__(self, config: CorrectorConfig, storage: StorageConfig | None = None):
+        self.config = config
+        self.prompter = Prompter(config)
+        self.generator = TextGenerator(config, storage)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    def correct(self, items: Sequence[Mapping], generation: Mapping | None = None) -> list[dict]:
+        """items: {question, answer, objectives, template?}; returns {correction, objectives, template, usage}."""
+        params = GenerationParams.resolve(generation, self.config.generation)
+        prompts = [self.prompter.build(it["question"], it["answer"], it["objectives"], it.get("template")) for it in items]
+        ids = [self.generator.encode(p.prompt, params.max_new_tokens) for p in prompts]
+        gens = self.generator.generate(ids, [params] * len(ids))
+        return [{"correction": g.text, "objectives": p.objectives, "template": p.template, "finish_reason": g.finish_reason,
+                 "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}}
+                for p, g in zip(prompts, gens)]

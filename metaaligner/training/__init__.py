@@ -1,0 +1,1 @@
+"""Conditional weak-to-strong correction training (Ray Train + DeepSpeed), three stages."""

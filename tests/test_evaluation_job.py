@@ -1,0 +1,162 @@
+"""The evaluation job on Ray Data: rule and LLM judges, S3 and local outputs, quarantine, resume, reports, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from evaluation_server import ChatJudgeServer
+from PIL import Image
+
+from metaaligner import storage as st
+from metaaligner.cli import main
+from metaaligner.config import StorageConfig
+from metaaligner.evaluation.cache import ResultCache
+from metaaligner.evaluation.config import EvaluateConfig, JudgeConfig
+from metaaligner.evaluation.job import run_evaluation
+from metaaligner.evaluation.judges import rule_score
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = "Sure. Use a timer. Hope this helps."
+LOCAL = StorageConfig(endpoint_url=None)
+
+
+def _answer(polite: bool, calm: bool) -> str:
+    return ("Sure! Use a timer." if not calm else "Sure. Use a timer.") + (" Hope this helps." if polite else "")
+
+
+def _rows() -> list[dict]:
+    """10 good rows with known outcomes plus 2 bad ones. Original: impolite in rows 0-5, agitated in even rows;
+    corrected: impolite only in row 0. So Politeness 40 % -> 90 %, Calmness 50 % -> 100 %, others 100 %."""
+    rows = [{"id": i, "question": f"How do I time thing {i}?", "golden": GOLDEN,
+             "original": _answer(polite=i >= 6, calm=i % 2 == 1), "corrected": _answer(polite=i >= 1, calm=True),
+             "objectives": None} for i in range(10)]
+    rows.append({"id": "no-golden", "question": "q", "golden": None, "original": "a", "corrected": "b",
+                 "objectives": None})
+    rows.append({"id": "bad-objective", "question": "q", "golden": "g", "original": "a", "corrected": "b",
+                 "objectives": ["Humour"]})
+    return rows
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _png_ok(data: bytes) -> None:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.format == "PNG" and image.size == (800, 450)
+    assert len(set(image.convert("L").getdata())) > 10  # something was drawn
+
+
+def _check_known_rates(results: dict) -> None:
+    per = results["per_objective"]
+    expected = {"Politeness": (0.4, 0.9), "Calmness": (0.5, 1.0), "Conciseness": (1.0, 1.0),
+                "Capitalization": (1.0, 1.0)}
+    for objective, (orig, corr) in expected.items():
+        assert per[objective]["original"]["win_rate"] == pytest.approx(orig), objective
+        assert per[objective]["corrected"]["win_rate"] == pytest.approx(corr), objective
+        assert per[objective]["corrected"]["total"] == 10
+    assert per["Politeness"]["original"]["losses"] == 6 and per["Politeness"]["original"]["ties"] == 4
+    assert results["improvement"]["per_objective"]["Politeness"]["win_rate"] == pytest.approx(0.5)
+    assert results["improvement"]["average"]["win_rate"] == pytest.approx((0.5 + 0.5) / 4)
+
+
+def test_rule_judge_on_s3_with_quarantine_reports_and_resume(ray_cluster, s3_bucket, storage_config):
+    base = f"s3://{s3_bucket}/eval"
+    st.write_text(f"{base}/input/items.jsonl", _jsonl(_rows()), storage_config)
+    cfg = EvaluateConfig(input=f"{base}/input", output=f"{base}/out", bootstrap_samples=200, batch_size=16,
+                         copy_threshold=0.0)
+    summary = run_evaluation(cfg, storage_config)
+    assert (summary["items"], summary["quarantined"], summary["judged"], summary["invalid"]) == (12, 2, 80, 0)
+
+    results = st.read_json(f"{base}/out/results.json", storage_config)
+    _check_known_rates(results)
+    assert {q["id"]: q["error"] for q in results["quarantine"]} == {
+        "no-golden": "missing golden answer ('golden')", "bad-objective": "unknown objective(s) ['Humour']"}
+    assert results["copy_rate"]["copies"] == 2 and results["copy_rate"]["n"] == 10  # rows 7 and 9 are unchanged
+    quarantine = st.read_text(f"{base}/out/_quarantine.jsonl", storage_config).splitlines()
+    assert len(quarantine) == 2
+    md = st.read_text(f"{base}/out/results.md", storage_config)
+    assert "| Politeness | 40.0 [" in md and "+50.0" in md
+    fs, path = st.filesystem(f"{base}/out/win_rates.png", storage_config)
+    with fs.open_input_stream(path) as f:
+        _png_ok(f.read())
+    assert not st.exists(f"{base}/out/zero_shot.png", storage_config)
+
+    again = run_evaluation(cfg, storage_config)  # everything comes from the resume cache on S3
+    assert (again["judged"], again["reused_from_cache"]) == (0, 80)
+    assert st.read_json(f"{base}/out/results.json", storage_config)["per_objective"] == results["per_objective"]
+
+
+def test_llm_judge_through_ray_data_resumes_after_an_interrupted_run(ray_cluster, tmp_path):
+    rows = _rows()[:10] + [
+        {"id": "garbage", "question": "GARBAGE?", "golden": GOLDEN, "original": GOLDEN, "corrected": GOLDEN,
+         "objectives": None},
+        {"id": "busy", "question": "BUSY?", "golden": GOLDEN, "original": _answer(False, True),
+         "corrected": GOLDEN, "objectives": ["Politeness"]},
+    ]
+    (tmp_path / "in.jsonl").write_text(_jsonl(rows))
+    with ChatJudgeServer() as server:
+        judge = JudgeConfig(kind="llm", url=server.url, model="judge-test", api_key_env=None, concurrency=1,
+                            max_retries=1, backoff_s=0.01, max_backoff_s=0.02, timeout_s=5, invalid_retries=1)
+        cfg = EvaluateConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), judge=judge,
+                             bootstrap_samples=100, batch_size=8, workers=1, worker_cpus=0.5)
+        total = 10 * 8 + 8 + 2
+        server.fail_after = 30
+        with pytest.raises(RuntimeError, match="unreachable after 2 attempts.*verdicts are kept.*resume"):
+            run_evaluation(cfg, LOCAL)
+        cached = ResultCache(cfg.output, judge.identity(), LOCAL).load()
+        assert server.judgments == 30 and 30 <= len(cached) < total
+        cached_invalid = sum(r["outcome"] == "invalid" for r in cached.values())
+        assert len(cached) - cached_invalid == 30  # every successful judgment of the failed run was kept
+
+        server.fail_after = None
+        before = server.judgments
+        summary = run_evaluation(cfg, LOCAL)
+    assert summary["reused_from_cache"] == len(cached) and summary["judged"] == total - len(cached)
+    assert server.judgments - before == (total - len(cached)) - (8 - cached_invalid)  # only the missing items
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["invalid"]["count"] == 8 and summary["invalid"] == 8
+    assert {e["id"] for e in results["invalid"]["examples"]} == {"garbage"}
+    per = results["per_objective"]
+    assert per["Politeness"]["original"]["invalid"] == 1 and per["Politeness"]["original"]["total"] == 11
+    assert per["Politeness"]["original"]["win_rate"] == pytest.approx(4 / 11)  # 'busy' original loses
+    assert per["Calmness"]["original"]["win_rate"] == pytest.approx(0.5) and per["Calmness"]["original"]["total"] == 10
+    _png_ok((tmp_path / "out" / "win_rates.png").read_bytes())
+
+
+def test_cli_on_the_sample_set(ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "sample"
+    assert main(["evaluate", "--config", "jobs/configs/evaluate-sample.yaml", "--output", str(out)]) == 0
+    assert "results.json" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    rows = [json.loads(line) for line in (REPO / "metaaligner/resources/eval_sample.jsonl").read_text().splitlines()]
+    good = [r for r in rows if r["golden"]]
+    assert results["items"] == {"total": len(rows), "evaluated": len(good), "quarantined": len(rows) - len(good)}
+    for objective in results["objectives"]:  # independent check: golden meets every rule, so ties are passes
+        for cand in results["candidates"]:
+            expected = sum(rule_score("synthetic", objective, r[cand]) for r in good) / len(good)
+            assert results["per_objective"][objective][cand]["win_rate"] == pytest.approx(expected)
+    assert results["zero_shot"]["win_rate"]["Politeness"][1] == 1.0
+    assert "| Politeness |" in (out / "results.md").read_text()
+    for name in ("win_rates.png", "zero_shot.png"):
+        _png_ok((out / name).read_bytes())
+    assert json.loads((out / "_summary.json").read_text())["comparisons"] == len(good) * 4 * 6
+
+
+def test_bad_input_fails_before_judging(ray_cluster, tmp_path):
+    (tmp_path / "a.jsonl").write_text(_jsonl([{"id": 1, "question": "q", "golden": "g", "original": "a"}]))
+    cfg = EvaluateConfig(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['corrected'\]"):
+        run_evaluation(cfg, LOCAL)
+    row = {"id": 1, "question": "q", "golden": "g", "original": "a", "corrected": "b"}
+    (tmp_path / "b.jsonl").write_text(_jsonl([row, row]))
+    with pytest.raises(ValueError, match="duplicate id"):
+        run_evaluation(cfg.model_copy(update={"input": str(tmp_path / "b.jsonl")}), LOCAL)
+    with pytest.raises(ValueError, match="Humour"):
+        run_evaluation(cfg.model_copy(update={"evaluate_objectives": ["Humour"]}), LOCAL)
+    assert not (tmp_path / "o" / "_cache").exists()
