@@ -14,33 +14,32 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
 
 
+def _section(args, section: str, flags: tuple[str, ...], hint: str):
+    """Load --config, let the given flags override `section.<flag>`, and return (config, section)."""
+    overrides = {"storage.endpoint_url": args.endpoint_url, **{f"{section}.{f}": getattr(args, f) for f in flags}}
+    cfg = load_config(args.config, overrides)
+    if getattr(cfg, section) is None:
+        raise SystemExit(f"{section}: {hint}")
+    return cfg, getattr(cfg, section)
+
+
 def _reformulate(args) -> int:
     from metaaligner.data.pipeline import run_reformulation
 
-    cfg = load_config(args.config, {
-        "storage.endpoint_url": args.endpoint_url,
-        "reformulate.input": args.input, "reformulate.output": args.output, "reformulate.format": args.format,
-        "reformulate.objectives": args.objectives, "reformulate.template": args.template,
-        "reformulate.seed": args.seed, "reformulate.score_decimals": args.score_decimals,
-    })
-    if cfg.reformulate is None:
-        raise SystemExit("reformulate: give --input and --output (or a config with a reformulate section)")
-    summary = run_reformulation(cfg.reformulate, cfg.storage)
+    cfg, rf = _section(args, "reformulate", ("input", "output", "format", "objectives", "template", "seed",
+                                             "score_decimals"), "give --input and --output (or a config with a reformulate section)")
+    summary = run_reformulation(rf, cfg.storage)
     print(f"reformulated {summary['valid_pairs']} pairs into {summary['items_total']} items "
-          f"({summary['quarantined']} quarantined) in {summary['wall_time_s']:.1f}s -> {cfg.reformulate.output}")
+          f"({summary['quarantined']} quarantined) in {summary['wall_time_s']:.1f}s -> {rf.output}")
     return 0
 
 
 def _evaluate(args) -> int:
     from metaaligner.evaluation.job import run_evaluation
 
-    cfg = load_config(args.config, {
-        "storage.endpoint_url": args.endpoint_url,
-        "evaluate.input": args.input, "evaluate.output": args.output, "evaluate.seed": args.seed,
-    })
-    if cfg.evaluate is None:
-        raise SystemExit("evaluate: give --config with an evaluate section (or --input and --output)")
-    summary = run_evaluation(cfg.evaluate, cfg.storage)
+    cfg, ev = _section(args, "evaluate", ("input", "output", "seed"),
+                       "give --config with an evaluate section (or --input and --output)")
+    summary = run_evaluation(ev, cfg.storage)
     print("\n".join(["wrote:", *summary["outputs"]]))
     return 0
 
@@ -48,43 +47,32 @@ def _evaluate(args) -> int:
 def _serve(args) -> int:
     from metaaligner.serving.app import serve_forever
 
-    cfg = load_config(args.config, {"storage.endpoint_url": args.endpoint_url, "serve.host": args.host,
-                                    "serve.port": args.port})
-    if cfg.serve is None:
-        raise SystemExit("serve: give --config with a serve section (see jobs/configs/serve-tiny.yaml)")
+    cfg, sv = _section(args, "serve", ("host", "port"), "give --config with a serve section (see jobs/configs/serve-tiny.yaml)")
     if args.create_tiny_model:
         from metaaligner.serving.tiny import ensure_tiny_model
 
-        ensure_tiny_model(cfg.serve.corrector.model)
-    serve_forever(cfg.serve, cfg.storage)
+        ensure_tiny_model(sv.corrector.model)
+    serve_forever(sv, cfg.storage)
     return 0
 
 
 def _correct(args) -> int:
     from metaaligner.serving.batch import run_correction
 
-    cfg = load_config(args.config, {
-        "storage.endpoint_url": args.endpoint_url, "correct.input": args.input, "correct.output": args.output,
-        "correct.model": args.model, "correct.template": args.template, "correct.objectives": args.objectives,
-        "correct.default_objectives": args.default_objectives, "correct.concurrency": args.concurrency,
-        "correct.batch_size": args.batch_size, "correct.num_gpus": args.num_gpus,
-    })
-    if cfg.correct is None:
-        raise SystemExit("correct: give --input, --output and --model (or a config with a correct section)")
-    s = run_correction(cfg.correct, cfg.storage)
+    cfg, cc = _section(args, "correct", ("input", "output", "model", "template", "objectives", "default_objectives",
+                                         "concurrency", "batch_size", "num_gpus"),
+                       "give --input, --output and --model (or a config with a correct section)")
+    s = run_correction(cc, cfg.storage)
     print(f"corrected {s['corrected']}/{s['rows']} rows ({s['errors']} errors) in {s['wall_time_s']:.1f}s, "
-          f"{s['generated_tokens_per_s']:.0f} generated tok/s -> {cfg.correct.output}")
+          f"{s['generated_tokens_per_s']:.0f} generated tok/s -> {cc.output}")
     return 0
 
 
 def _train(args) -> int:
     from metaaligner.training.trainer import run_training
 
-    cfg = load_config(args.config, {"storage.endpoint_url": args.endpoint_url, "train.data": args.data,
-                                    "train.base_model": args.base_model, "train.output": args.output})
-    if cfg.train is None:
-        raise SystemExit("train: the config needs a train section")
-    summaries = run_training(cfg.train, cfg.storage, args.stage)
+    cfg, tr = _section(args, "train", ("data", "base_model", "output"), "the config needs a train section")
+    summaries = run_training(tr, cfg.storage, args.stage)
     for name, s in summaries.items():
         print(f"{name}: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}, "
               f"{s['dropped']} rows dropped, exported {s['export']}")
