@@ -57,11 +57,6 @@ def ray_cluster(s3_server):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama + locally trained tokenizer, saved as a Hugging Face folder (safetensors)."""
-    from metaaligner.modeling import create_tiny_model
-    from metaaligner.objectives import load_objective_set
-    from metaaligner.prompts import get_template
+    from metaaligner.serving.tiny import ensure_tiny_model
 
-    corpus = [get_template(p).render("better", "x", "What is the answer?", "An answer.") for p in ("paper", "hh_rlhf")]
-    corpus += [load_objective_set(s).render(load_objective_set(s).names) for s in ("hh_rlhf", "ultrafeedback", "unseen")]
-    corpus += ["Thank you for asking. The quick brown fox jumps over the lazy dog."] * 5
-    return create_tiny_model(tmp_path_factory.mktemp("tiny-model"), corpus * 20)
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny-model"))

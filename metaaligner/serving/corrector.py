@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import threading
-import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from metaaligner.config import StorageConfig
 from metaaligner.objectives import Objective, load_objective_set, render_objectives
 from metaaligner.prompts import PROFILES, get_template
 from metaaligner.serving.config import CorrectorConfig, GenerationConfig
-from metaaligner import storage as st
 
 
 class CorrectionInputError(ValueError):
@@ -121,33 +115,16 @@ class Prompter:
         return CorrectionPrompt(text, [o.name for o in objs], profile, cond)
 
 
-def local_model_path(uri: str, cache_dir: str, storage: StorageConfig | None = None) -> Path:
-    """A local folder for the model: the path itself, or an s3:// folder copied once into the cache (atomically)."""
-    if not st.is_s3(uri):
-        return Path(uri).expanduser()
-    dest = Path(cache_dir).expanduser() / hashlib.sha256(uri.encode()).hexdigest()[:20]
-    if (dest / ".complete").is_file():
-        return dest
-    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    st.copy_dir(uri, str(tmp), storage or StorageConfig())
-    (tmp / ".complete").write_text(uri + "\n", encoding="utf-8")
-    try:
-        os.replace(tmp, dest)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 class TextGenerator:
     """A causal LM and its tokenizer: batched, left-padded generation returning only the new text."""
 
     def __init__(self, config: CorrectorConfig, storage: StorageConfig | None = None):
         import torch
 
-        from metaaligner.modeling import check_model_folder, load_model, load_tokenizer
+        from metaaligner.modeling import check_model_folder, load_model, load_tokenizer, local_model_dir
 
         self.config = config
-        self.folder = check_model_folder(local_model_path(config.model, config.cache_dir, storage))
+        self.folder = check_model_folder(local_model_dir(config.model, storage or StorageConfig(), cache_dir=config.cache_dir))
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

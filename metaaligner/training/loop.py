@@ -71,7 +71,7 @@ def train_func(cfg: dict) -> None:
     from metaaligner import storage as st
     from metaaligner.config import StorageConfig
     from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder
-    from metaaligner.training.fetch import local_model_dir
+    from metaaligner.modeling import local_model_dir
     from metaaligner.training.metrics import StepLogger, peak_flops_per_worker
 
     ctx = rt.get_context()

@@ -14,7 +14,7 @@ from metaaligner.config import StorageConfig
 from metaaligner.modeling import load_tokenizer
 from metaaligner.training.config import STAGES, TrainConfig
 from metaaligner.training.deepspeed_config import build_deepspeed_config
-from metaaligner.training.fetch import cache_root, list_model_files, local_model_dir
+from metaaligner.modeling import cache_root, list_model_files, local_model_dir
 from metaaligner.training.metrics import model_flops
 from metaaligner.training.packing import plan_stage
 from metaaligner.training.tokenize import DROPPED, REQUIRED_COLUMNS, collect_index, tokenize_dataset
