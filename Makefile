@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup demo test test-all bench
+.PHONY: setup demo test
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +20,3 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -m "not slow" tests
-
-test-all: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests
