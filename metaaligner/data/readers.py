@@ -20,15 +20,17 @@ def is_hf_dataset(uri: str) -> bool:
     return not storage.is_s3(uri) and any((folder / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
 
 
-def discover(uri: str, storage_config: StorageConfig) -> tuple[str, list[str]]:
-    """(kind, files): kind is parquet | jsonl | csv; fails when nothing readable is there."""
-    files = storage.list_files(uri, storage_config, tuple(s for v in SUFFIXES.values() for s in v))
-    kinds = {k for f in files for k, sfx in SUFFIXES.items() if f.endswith(sfx)}
+def discover(uri: str, storage_config: StorageConfig, kinds: tuple[str, ...] = tuple(SUFFIXES)) -> tuple[str, list[str]]:
+    """(kind, files) of the input: files of one of `kinds` (parquet | jsonl | csv) under a file or prefix;
+    fails when nothing readable is there or kinds are mixed."""
+    suffixes = tuple(s for k in kinds for s in SUFFIXES[k])
+    files = storage.list_files(uri, storage_config, suffixes)
+    found = {k for f in files for k in kinds if f.endswith(SUFFIXES[k])}
     if not files:
-        raise ValueError(f"no input files (.parquet, .jsonl, .json, .csv) under {uri}")
-    if len(kinds) > 1:
-        raise ValueError(f"mixed input formats under {uri}: {sorted(kinds)}; give one kind per run")
-    return kinds.pop(), files
+        raise ValueError(f"no input files ({', '.join(suffixes)}) under {uri}")
+    if len(found) > 1:
+        raise ValueError(f"mixed input formats under {uri}: {sorted(found)}; give one kind per run")
+    return found.pop(), files
 
 
 def read_files(kind: str, files: list[str], filesystem) -> ray.data.Dataset:

@@ -19,7 +19,6 @@ from metaaligner.evaluation.report import write_reports
 from metaaligner.evaluation.stats import copy_rate, normalized_edit_distance, summarize
 from metaaligner.objectives import Objective, load_objective_set
 
-INPUT_SUFFIXES = (".jsonl", ".parquet")
 TASK_SCHEMA = pa.schema([("id", pa.string()), ("objective", pa.string()), ("candidate", pa.string()),
                          ("order", pa.string()), ("hash", pa.string()), ("question", pa.string()),
                          ("answer_a", pa.string()), ("answer_b", pa.string())])
@@ -170,14 +169,11 @@ def _read(cfg: EvaluateConfig, storage: StorageConfig):
     (bad lines are quarantined and mixed types cannot break Arrow's inference)."""
     import ray.data
 
-    files = st.list_files(cfg.input, storage, INPUT_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no {' or '.join(INPUT_SUFFIXES)} files under {cfg.input}")
-    kinds = {f.endswith(".parquet") for f in files}
-    if len(kinds) > 1:
-        raise ValueError(f"{cfg.input}: mixes Parquet and JSONL files; use one format")
+    from metaaligner.data.readers import discover
+
+    kind, files = discover(cfg.input, storage, ("parquet", "jsonl"))
     fs, _ = st.filesystem(cfg.input, storage)
-    if kinds == {True}:
+    if kind == "parquet":
         ds = ray.data.read_parquet(files, filesystem=fs)
         return ds, set(ds.schema().names), False
     return ray.data.read_text(files, filesystem=fs), set(_first_record(fs, files[0])), True

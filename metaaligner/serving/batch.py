@@ -70,14 +70,11 @@ class CorrectorActor:
 def _read(cfg: CorrectConfig, storage: StorageConfig):
     import ray
 
-    files = st.list_files(cfg.input, storage, (".parquet", ".jsonl", ".json"))
-    if not files:
-        raise FileNotFoundError(f"no .parquet/.jsonl files under {cfg.input}")
-    kinds = {"parquet" if f.endswith(".parquet") else "jsonl" for f in files}
-    if len(kinds) > 1:
-        raise ValueError(f"{cfg.input}: mixed Parquet and JSONL inputs; give one kind")
+    from metaaligner.data.readers import discover
+
+    kind, files = discover(cfg.input, storage, ("parquet", "jsonl"))
     fs, _ = st.filesystem(cfg.input, storage)
-    if kinds == {"parquet"}:
+    if kind == "parquet":
         ds = ray.data.read_parquet(files, filesystem=fs)
     else:
         ds = ray.data.read_json(files, filesystem=fs)
@@ -85,7 +82,7 @@ def _read(cfg: CorrectConfig, storage: StorageConfig):
     missing = [c for c in ("question", "answer") if c not in names]
     if missing:
         raise ValueError(f"{cfg.input}: missing columns {missing} (have {names})")
-    return ds, len(files), sorted(kinds)[0]
+    return ds, len(files), kind
 
 
 def run_correction(cfg: CorrectConfig, storage: StorageConfig) -> dict:
