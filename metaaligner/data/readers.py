@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import ray
 
 from metaaligner import storage
 from metaaligner.config import StorageConfig
+from metaaligner.outputs import committed_files
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json", ".jsonl.gz"), "csv": (".csv", ".csv.gz")}
 HF_PREFIX = "hf://"
@@ -20,11 +24,51 @@ def is_hf_dataset(uri: str) -> bool:
     return not storage.is_s3(uri) and any((folder / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
 
 
-def discover(uri: str, storage_config: StorageConfig, kinds: tuple[str, ...] = tuple(SUFFIXES)) -> tuple[str, list[str]]:
+def _is_test_file(relative: str) -> bool:
+    """A held-out split by its name: a file `test.*` or `test_*.*`, or anything inside a folder named `test`."""
+    *folders, name = relative.split("/")
+    return "test" in folders or name.startswith("test.") or (name.startswith("test_") and "." in name)
+
+
+def _parent(uri: str) -> str | None:
+    """The folder holding `uri`, or None at a bucket or filesystem root."""
+    head, _, _ = uri.rstrip("/").rpartition("/")
+    if storage.is_s3(uri):
+        return head if head.count("/") >= 2 else None
+    return head or None
+
+
+def _listed(uri: str, storage_config: StorageConfig, suffixes: tuple[str, ...]) -> list[str]:
+    """Files under `uri` with one of the suffixes: the committed files when `uri` (or its parent) is an output of
+    ours — an incomplete run is refused — else everything found (hidden and `_`-prefixed entries excluded)."""
+    for root in filter(None, (uri, _parent(uri))):
+        committed = committed_files(root, storage_config)
+        if committed is not None:
+            _, path = storage.filesystem(uri, storage_config)
+            inside = [f for f in committed if f == path or f.startswith(path.rstrip("/") + "/")]
+            return sorted(f for f in inside if f.endswith(suffixes) and not any(
+                part.startswith(("_", ".")) for part in f[len(path):].split("/")))
+    return storage.list_files(uri, storage_config, suffixes)
+
+
+def discover(uri: str, storage_config: StorageConfig, kinds: tuple[str, ...] = tuple(SUFFIXES),
+             skip_test_files: bool = False) -> tuple[str, list[str]]:
     """(kind, files) of the input: files of one of `kinds` (parquet | jsonl | csv) under a file or prefix;
-    fails when nothing readable is there or kinds are mixed."""
+    fails when nothing readable is there or kinds are mixed.
+
+    Reads only what an output's `_SUCCESS` manifest lists (see metaaligner.outputs). With `skip_test_files`
+    (reformulate and train), files named `test.*` / `test_*.*` and folders named `test` found inside a folder are
+    left out and logged, so a test split is never mixed into training.
+    """
     suffixes = tuple(s for k in kinds for s in SUFFIXES[k])
-    files = storage.list_files(uri, storage_config, suffixes)
+    files = _listed(uri, storage_config, suffixes)
+    if skip_test_files:
+        _, root = storage.filesystem(uri, storage_config)
+        skipped = [f for f in files if f != root and _is_test_file(f[len(root):].lstrip("/"))]
+        if skipped:
+            log.warning("skipping %d test-split file(s) under %s (set include_test_files to read them): %s",
+                        len(skipped), uri, ", ".join(skipped[:10]))
+            files = [f for f in files if f not in skipped]
     found = {k for f in files for k in kinds if f.endswith(SUFFIXES[k])}
     if not files:
         raise ValueError(f"no input files ({', '.join(suffixes)}) under {uri}")
