@@ -27,11 +27,21 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
-def _credentials():
-    import boto3
+def _static_keys() -> dict[str, str]:
+    """Static keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, else {}.
 
-    creds = boto3.Session().get_credentials()
-    return creds.get_frozen_credentials() if creds else None
+    Static keys never change, so passing them explicitly loses nothing, and they travel with a pickled
+    filesystem to Ray workers. With none, S3FileSystem gets no keys at all: each process that uses it
+    (driver or Ray worker) asks the AWS SDK's default chain, which refreshes instance-profile, IRSA
+    (web identity), SSO and credential_process credentials for as long as the job runs.
+    """
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not (key and secret):
+        return {}
+    keys = {"access_key": key, "secret_key": secret}
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        keys["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return keys
 
 
 def s3_client(storage: StorageConfig):
@@ -47,14 +57,14 @@ def s3_client(storage: StorageConfig):
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for Ray Data / pyarrow; S3 settings from the AWS env plus endpoint_url."""
+    """(filesystem, path) for Ray Data / pyarrow; S3 settings from the AWS env plus endpoint_url.
+
+    Credentials: static keys from the environment when set, otherwise none are frozen in (see _static_keys).
+    """
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
     bucket, key = split_s3(uri)
-    kwargs: dict = {"region": storage.region}
-    creds = _credentials()
-    if creds is not None:
-        kwargs.update(access_key=creds.access_key, secret_key=creds.secret_key, session_token=creds.token)
+    kwargs: dict = {"region": storage.region, **_static_keys()}
     if storage.endpoint_url:
         endpoint = urlparse(storage.endpoint_url)
         kwargs.update(endpoint_override=endpoint.netloc or endpoint.path, scheme=endpoint.scheme or "https")
