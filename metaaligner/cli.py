@@ -26,19 +26,75 @@ def _section(args, section: str, flags: tuple[str, ...], hint: str):
 def _reformulate(args) -> int:
     from metaaligner.data.pipeline import run_reformulation
 
+    exact = args.score_decimals == "exact"  # null in YAML; a None flag would mean "not given"
+    if exact:
+        args.score_decimals = None
     cfg, rf = _section(args, "reformulate", ("input", "output", "format", "objectives", "template", "seed",
-                                             "score_decimals"), "give --input and --output (or a config with a reformulate section)")
+                                             "score_decimals", "holdout_fraction", "split_seed", "max_bad_fraction",
+                                             "on_bad_file"),
+                       "give --input and --output (or a config with a reformulate section)")
+    if exact:
+        rf = rf.model_copy(update={"score_decimals": None})
     summary = run_reformulation(rf, cfg.storage)
-    print(f"reformulated {summary['valid_pairs']} pairs into {summary['items_total']} items "
-          f"({summary['quarantined']} quarantined) in {summary['wall_time_s']:.1f}s -> {rf.output}")
+    held_out = f", {summary['holdout_pairs']} held out as {summary['test_rows']} test rows" if rf.holdout_fraction else ""
+    print(f"reformulated {summary['valid_pairs']} pairs into {summary['items_total']} items{held_out} "
+          f"({summary['quarantined']} quarantined, {len(summary['bad_files'])} unreadable files) in "
+          f"{summary['wall_time_s']:.1f}s -> {rf.output}")
+    return 0
+
+
+def _score_decimals(value: str) -> int | str:
+    if value in ("exact", "auto"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, 'exact' or 'auto', got {value!r}") from None
+
+
+def _reward_models(args) -> list[dict] | None:
+    """`--reward-model NAME=PATH` flags, in order; a config entry of the same name keeps its other settings."""
+    if not args.reward_model:
+        return None
+    from metaaligner.config import read_yaml
+
+    configured = (read_yaml(args.config).get("score") or {}).get("reward_models") or [] if args.config else []
+    by_name = {m.get("name"): m for m in configured if isinstance(m, dict)}
+    models = []
+    for flag in args.reward_model:
+        name, sep, path = flag.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"score: --reward-model takes NAME=PATH, got {flag!r}")
+        models.append({**by_name.get(name, {}), "name": name, "path": path})
+    return models
+
+
+def _score(args) -> int:
+    from metaaligner.data.scoring import run_scoring
+
+    args.reward_models = _reward_models(args)
+    cfg, sc = _section(args, "score", ("input", "output", "format", "reward_models", "decimals", "batch_size",
+                                       "micro_batch_size", "concurrency", "num_cpus", "num_gpus", "device", "dtype",
+                                       "max_bad_fraction"),
+                       "give --input, --output and --reward-model NAME=PATH (or a config with a score section)")
+    s = run_scoring(sc, cfg.storage)
+    print(f"scored {s['rows_scored']}/{s['rows_read']} rows ({s['rows_quarantined']} quarantined) with "
+          f"{', '.join(s['objectives'])} in {s['wall_time_s']:.1f}s -> {sc.output}")
     return 0
 
 
 def _evaluate(args) -> int:
+    from metaaligner.evaluation.config import JudgeConfig
     from metaaligner.evaluation.job import run_evaluation
 
-    cfg, ev = _section(args, "evaluate", ("input", "output", "seed"),
+    cfg, ev = _section(args, "evaluate", ("input", "output", "seed", "question_column", "id_column", "golden",
+                                          "candidates", "max_invalid_fraction", "max_bad_fraction"),
                        "give --config with an evaluate section (or --input and --output)")
+    judge = {k: v for k, v in (("url", args.judge_url), ("model", args.judge_model), ("prompt", args.judge_prompt))
+             if v is not None}
+    if judge:
+        ev = ev.model_copy(update={"judge": JudgeConfig.model_validate(
+            {**ev.judge.model_dump(exclude_unset=True), **judge})})
     summary = run_evaluation(ev, cfg.storage)
     print("\n".join(["wrote:", *summary["outputs"]]))
     return 0
@@ -60,10 +116,12 @@ def _correct(args) -> int:
     from metaaligner.serving.batch import run_correction
 
     cfg, cc = _section(args, "correct", ("input", "output", "model", "template", "objectives", "default_objectives",
-                                         "concurrency", "batch_size", "num_gpus"),
+                                         "concurrency", "batch_size", "num_gpus", "question_column",
+                                         "answer_column", "id_column", "on_too_long", "max_bad_fraction"),
                        "give --input, --output and --model (or a config with a correct section)")
     s = run_correction(cc, cfg.storage)
-    print(f"corrected {s['corrected']}/{s['rows']} rows ({s['errors']} errors) in {s['wall_time_s']:.1f}s, "
+    print(f"corrected {s['corrected']}/{s['rows']} rows ({s['errors']} errors, {s['too_long']} too long: "
+          f"on_too_long={s['on_too_long']}) in {s['wall_time_s']:.1f}s, "
           f"{s['generated_tokens_per_s']:.0f} generated tok/s -> {cc.output}")
     return 0
 
@@ -103,12 +161,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--input")
     p.add_argument("--output")
-    p.add_argument("--format", choices=["canonical", "ultrafeedback", "hh_rlhf_scores"])
+    p.add_argument("--format", choices=["canonical", "ultrafeedback", "hh_rlhf_scores", "fastchat"])
     p.add_argument("--objectives", help="hh_rlhf | ultrafeedback | imhi | PATH.yaml")
     p.add_argument("--template", choices=["paper", "hh_rlhf", "ultrafeedback", "imhi"])
     p.add_argument("--seed", type=int)
-    p.add_argument("--score-decimals", type=int)
+    p.add_argument("--score-decimals", type=_score_decimals, metavar="N|exact|auto",
+                   help="scores tie when equal after rounding to N decimals, or exactly (auto: exact for "
+                        "hh_rlhf_scores, 1 for canonical)")
+    p.add_argument("--holdout-fraction", type=float, help="share of questions held out as evaluation rows in test/")
+    p.add_argument("--split-seed", type=int, help="seed of the held-out split's hash")
+    p.add_argument("--max-bad-fraction", type=float, help="fail without committing above this share of bad rows")
+    p.add_argument("--on-bad-file", choices=["fail", "quarantine"], help="what an unreadable input file does")
     p.set_defaults(func=_reformulate)
+
+    p = sub.add_parser("score", help="raw hh-rlhf pairs -> per-objective reward-model scores (Ray Data actor pool)")
+    _add_config(p)
+    p.add_argument("--input", help="raw rows (.jsonl[.gz], .parquet, .csv), local or s3://; one split")
+    p.add_argument("--output", help="output folder (local or s3://) for the hh_rlhf_scores Parquet")
+    p.add_argument("--format", choices=["hh_rlhf_raw"])
+    p.add_argument("--reward-model", action="append", metavar="NAME=PATH",
+                   help="objective name and sequence-classification folder; repeat, in score-column order")
+    p.add_argument("--decimals", type=int, help="round raw rewards to this many decimals before normalising")
+    p.add_argument("--batch-size", type=int, help="rows per scoring call")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass")
+    p.add_argument("--concurrency", type=int, help="scoring actors (one per GPU)")
+    p.add_argument("--num-cpus", type=float, help="CPUs per scoring actor")
+    p.add_argument("--num-gpus", type=float, help="GPUs per scoring actor")
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-bad-fraction", type=float, help="fail without committing above this quarantined share")
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("train", help="three-stage corrector training (Ray Train + DeepSpeed)")
     _add_config(p)
@@ -120,9 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-objective win rates vs golden answers with a judge (Ray Data)")
     _add_config(p)
-    p.add_argument("--input", help="JSONL/Parquet evaluation set (overrides evaluate.input)")
+    p.add_argument("--input", help="JSONL/Parquet/CSV evaluation set (overrides evaluate.input)")
     p.add_argument("--output", help="results folder, local or s3:// (overrides evaluate.output)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--question-column", help="column with the question (default: question)")
+    p.add_argument("--id-column", help="item id column (default: id; absent: a digest of the row)")
+    p.add_argument("--golden", help="column with the golden answer")
+    p.add_argument("--candidates", nargs="+", help="answer columns to judge")
+    p.add_argument("--judge-url", help="OpenAI-compatible base URL of the LLM judge (overrides evaluate.judge.url)")
+    p.add_argument("--judge-model", help="model name sent to the judge")
+    p.add_argument("--judge-prompt", choices=["paper", "released", "chat"], help="judge prompt (default: paper)")
+    p.add_argument("--max-invalid-fraction", type=float, help="exit non-zero above this share of invalid verdicts")
+    p.add_argument("--max-bad-fraction", type=float, help="stop before judging above this share of bad rows")
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("serve", help="the correction API on Ray Serve (FastAPI, batching, autoscaling)")
     _add_config(p)
@@ -133,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("correct", help="offline batch correction of question/answer rows (Ray Data actor pool)")
     _add_config(p)
-    p.add_argument("--input", help="Parquet/JSONL file or folder (local or s3://) with question, answer[, objectives]")
+    p.add_argument("--input", help="Parquet/JSONL/CSV file or folder (local or s3://) with question, answer "
+                   "[, objectives] columns")
     p.add_argument("--output", help="output folder (local or s3://)")
     p.add_argument("--model", help="corrector HF folder (local or s3://)")
     p.add_argument("--template", choices=["paper", "hh_rlhf", "ultrafeedback", "imhi"])
@@ -142,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="corrector actors")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-gpus", type=float, help="GPUs per corrector actor")
+    p.add_argument("--question-column", help="column with the question (default: question)")
+    p.add_argument("--answer-column", help="column with the answer to correct (default: answer)")
+    p.add_argument("--id-column", help="row id column (default: id; absent: added, a digest of the row)")
+    p.add_argument("--on-too-long", choices=["original", "truncate", "error"],
+                   help="a prompt over the model's limit: keep the answer (default), cut its tail, or an error row")
+    p.add_argument("--max-bad-fraction", type=float, help="fail without committing above this share of error rows")
     p.set_defaults(func=_correct)
 
     p = sub.add_parser("pipeline", help="reformulate -> train -> correct -> evaluate, from one config")

@@ -107,7 +107,7 @@ def _serve_samples(model: str, items: list[dict], st_cfg: StorageConfig) -> list
     config = ServeConfig.model_validate({
         "corrector": {"model": model, "template": "paper", "objectives": "synthetic",
                       "generation": {"max_new_tokens": 64, "max_new_tokens_limit": 128}},
-        "max_batch_size": 4, "num_cpus": 0.5, "port": port,
+        "max_batch_size": 4, "num_cpus": 0.5, "port": port, "auth": "none",  # loopback demo: open API
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(config, st_cfg), name="demo", route_prefix="/")
@@ -215,7 +215,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "candidates": ["original", "corrected", "held_out_pair", "zs1", "zs2", "zs3"],
             "baseline": "original", "treatment": "corrected", "copy_threshold": 0.0,
             "zero_shot": {"candidates": zs, "labels": ["none", *(f"+{o}" for o in OBJECTIVES)]},
-            "judge": {"kind": "rules", "rules": "synthetic"}, "seed": cfg.seed, "bootstrap_samples": 500})
+            "judge": {"kind": "rules", "rules": "synthetic"}, "seed": cfg.seed, "bootstrap_samples": 500,
+            "plot_rate": "win_tie_rate"})
         run_evaluation(eval_cfg, st_cfg)
         report = json.loads((out / "evaluation" / "results.json").read_text())
         timings["evaluate"] = time.perf_counter() - t
@@ -232,12 +233,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _learning_check(report, rows, train, reformulated, samples, timings, started, out) -> dict:
-    per = report["per_objective"]
-    win = {c: {o: per[o][c]["win_rate"] for o in OBJECTIVES} for c in ("original", "corrected", "held_out_pair")}
+    per = report["per_objective"]  # win+tie rate: a rule judge can never prefer an answer to a perfect golden one
+    win = {c: {o: per[o][c]["win_tie_rate"] for o in OBJECTIVES} for c in ("original", "corrected", "held_out_pair")}
     improvement = {o: win["corrected"][o] - win["original"][o] for o in OBJECTIVES}
     held = {o: win["held_out_pair"][o] - win["original"][o] for o in HELD_OUT}
     return {
-        "win_rate": win,
+        "win_tie_rate": win,
         "improvement_points": {o: round(100 * v, 1) for o, v in improvement.items()},
         "average_improvement_points": round(100 * sum(improvement.values()) / len(OBJECTIVES), 1),
         "held_out_combination": {"objectives": list(HELD_OUT),
@@ -257,10 +258,11 @@ def _learning_check(report, rows, train, reformulated, samples, timings, started
 
 
 def _report(s: dict) -> str:
-    lines = ["", "=== learning check (rule judges, win rate vs golden = (wins + ties) / total) ===",
+    lines = ["", "=== learning check (rule judges, win+tie rate vs golden = (wins + ties) / judged) ===",
              f"{'objective':<16}{'original':>10}{'corrected':>11}{'delta':>8}"]
     for o in OBJECTIVES:
-        lines.append(f"{o:<16}{100 * s['win_rate']['original'][o]:>9.1f}%{100 * s['win_rate']['corrected'][o]:>10.1f}%"
+        lines.append(f"{o:<16}{100 * s['win_tie_rate']['original'][o]:>9.1f}%"
+                     f"{100 * s['win_tie_rate']['corrected'][o]:>10.1f}%"
                      f"{s['improvement_points'][o]:>+8.1f}")
     lines += [f"average improvement: {s['average_improvement_points']:+.1f} points (target >= +20)",
               f"held-out combination {s['held_out_combination']['objectives']}: "

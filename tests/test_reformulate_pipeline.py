@@ -135,7 +135,7 @@ def test_ultrafeedback_and_hh_csv_inputs(ray_cluster, s3_bucket, storage_config,
 
     hh = pa.table({"prompt": ["\n\nHuman: hi \"there\", | ok?\n\nAssistant:"] * 5,
                    "chosen_response": [f"yes\nline {i}" for i in range(5)], "rejected_response": ["no"] * 5,
-                   "chosen_score1": [1.0] * 5, "rejected_score1": [0.2] * 5, "chosen_score2": [0.5] * 5,
+                   "chosen_score1": [1.0] * 5, "rejected_score1": [0.2] * 5, "chosen_score2": [0.52] * 5,
                    "rejected_score2": [0.52] * 5, "chosen_score3": [0.0] * 5, "rejected_score3": [1.0] * 5})
     (tmp_path / "hh").mkdir()
     pacsv.write_csv(hh, tmp_path / "hh" / "scores.csv")
@@ -177,3 +177,64 @@ def test_unreachable_endpoint_and_bad_template_fail_fast(tmp_path):
         run_reformulation(ReformulateConfig(input="s3://b/in", output="s3://b/out", objectives="synthetic"),
                           StorageConfig(endpoint_url="http://127.0.0.1:9"))
     assert cli_main(["reformulate", "--input", "x", "--output", "y", "--objectives", "nope"]) == 2
+
+
+def test_holdout_split_is_the_same_whatever_the_file_layout(ray_cluster, storage_config, tmp_path):
+    rows = synthetic_rows(400, seed=11)  # 20 distinct questions: whole questions go to one side
+    write_parquet_parts([dict(r) for r in rows], str(tmp_path / "one"), storage_config, parts=1)
+    write_parquet_parts([dict(r) for r in rows], str(tmp_path / "many"), storage_config, parts=5)
+    common = {"objectives": "synthetic", "holdout_fraction": 0.25, "split_seed": 5}
+    a = ReformulateConfig(input=str(tmp_path / "one"), output=str(tmp_path / "a"), batch_size=1000, **common)
+    b = ReformulateConfig(input=str(tmp_path / "many"), output=str(tmp_path / "b"), batch_size=37, **common)
+    sa, sb = run_reformulation(a, storage_config), run_reformulation(b, storage_config)
+    for kind in ("contrastive", "equal", "test"):
+        assert read_items(a.output, storage_config, kind) == read_items(b.output, storage_config, kind)
+    trained = {i["pair_id"] for kind in ("contrastive", "equal") for i in read_items(a.output, storage_config, kind)}
+    test = read_items(a.output, storage_config, "test")
+    by_id = {r["id"]: r for r in rows}
+    held_questions = {by_id[t["id"]]["question"] for t in test}
+    assert test and not held_questions & {by_id[p]["question"] for p in trained}
+    assert set(test[0]) == {"id", "question", "golden", "candidates"}
+    for s in (sa, sb):
+        assert s["holdout_pairs"] + s["training_pairs"] == s["valid_pairs"] == s["rows_read"] == 400
+        assert s["test_rows"] + s["holdout_no_golden"] == s["holdout_pairs"] > 0
+        assert s["test_rows"] == len(test) and len(trained) == s["training_pairs"]
+
+
+def test_released_fastchat_rows_convert_without_algorithm_1(ray_cluster, storage_config, tmp_path):
+    from metaaligner.data.algorithm import reformulate_pair
+    from metaaligner.data.pairs import validate_pair
+    from metaaligner.data.readers import discover
+    from metaaligner.objectives import load_objective_set
+    from metaaligner.prompts import get_template
+
+    syn = load_objective_set("synthetic")
+    expected = [i for r in synthetic_rows(60, seed=3)
+                for i in reformulate_pair(validate_pair(r, syn, None), syn, get_template("ultrafeedback"), 1)]
+    lines = [{"id": n, "conversations": [{"from": "human", "value": i["prompt"]}, {"from": "gpt", "value": i["target"]}]}
+             for n, i in enumerate(expected)]
+    lines.append({"id": "bad", "conversations": [{"from": "human", "value": "Improve: x"}, {"from": "gpt", "value": "y"}]})
+    (tmp_path / "released").mkdir()
+    (tmp_path / "released" / "data.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out"
+    assert cli_main(["reformulate", "--input", str(tmp_path / "released"), "--output", str(out),
+                     "--format", "fastchat", "--objectives", "synthetic"]) == 0
+    s = json.loads((out / "_summary.json").read_text())
+    assert s["rows_read"] == len(lines) and s["valid_pairs"] == len(expected) == s["items_total"]
+    assert s["quarantined_by_reason"] == {"unparseable_prompt": 1}
+    keys = ("subset", "condition", "objectives", "prompt", "weak_answer", "target", "template")
+    got = read_items(str(out), storage_config, "contrastive") + read_items(str(out), storage_config, "equal")
+    assert sorted(tuple(json.dumps(i[k]) for k in keys) for i in got) == \
+           sorted(tuple(json.dumps(i[k]) for k in keys) for i in expected)
+    _, files = discover(str(out / "equal"), storage_config, ("parquet",), skip_test_files=True)  # as train reads it
+    assert files and set(pq.read_table(files[0]).column_names) >= {"id", "subset", "prompt", "weak_answer", "target"}
+
+
+def test_test_split_files_are_not_reformulated_unless_asked(ray_cluster, storage_config, tmp_path):
+    (tmp_path / "in").mkdir()
+    for name, rows in (("train.jsonl", synthetic_rows(30, seed=1)), ("test.jsonl", synthetic_rows(20, seed=2))):
+        (tmp_path / "in" / name).write_text("\n".join(json.dumps({**r, "id": name + r["id"]}) for r in rows) + "\n")
+    cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), objectives="synthetic")
+    assert run_reformulation(cfg, storage_config)["rows_read"] == 30
+    both = cfg.model_copy(update={"include_test_files": True, "output": str(tmp_path / "both")})
+    assert run_reformulation(both, storage_config)["rows_read"] == 50

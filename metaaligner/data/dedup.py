@@ -1,10 +1,14 @@
-"""Duplicate-id detection across all workers, idempotent under task retries."""
+"""Registries that tell the per-row path (`transform.Reformulator`) which pairs own their ids.
+
+The job itself decides duplicates with the partitioned check (duplicates, duplicate_passes) before any row
+is emitted, so its per-row calls use `AllOwners` (ids known to be unique) or `PositionOwners` (the resolve
+step's decisions). `LocalIdRegistry` keeps first-come ownership within one process, for using the per-row
+path on its own (tests, tools).
+"""
 
 from __future__ import annotations
 
 import hashlib
-
-import ray
 
 
 def _h64(text: str) -> int:
@@ -13,7 +17,7 @@ def _h64(text: str) -> int:
 
 def occurrence_keys(ids: list[str], sources: list[str]) -> tuple[list[int], list[int]]:
     """(id hashes, occurrence keys). An occurrence is (batch fingerprint, row index): the same rows
-    re-processed by a retried task get the same keys, while a second copy of an id elsewhere does not."""
+    re-processed get the same keys, while a second copy of an id elsewhere does not."""
     fingerprint = hashlib.blake2b(digest_size=16)
     for i, s in zip(ids, sources):
         fingerprint.update(f"{s}\x00{i}\x01".encode("utf-8", "surrogatepass"))
@@ -21,9 +25,8 @@ def occurrence_keys(ids: list[str], sources: list[str]) -> tuple[list[int], list
     return [_h64(i) for i in ids], [_h64(f"{fp}:{n}") for n in range(len(ids))]
 
 
-@ray.remote(num_cpus=0)
-class IdRegistry:
-    """Remembers the first occurrence of each id (8-byte hashes: ~100 bytes per id in memory)."""
+class LocalIdRegistry:
+    """Remembers the first occurrence of each id (8-byte hashes: ~100 bytes per id in memory), in one process."""
 
     def __init__(self):
         self.first: dict[int, int] = {}
@@ -32,3 +35,21 @@ class IdRegistry:
         """True where this occurrence owns the id (first seen, or the same occurrence again)."""
         first = self.first
         return [first.setdefault(h, k) == k for h, k in zip(id_hashes, keys)]
+
+
+class AllOwners:
+    """For rows whose ids the duplicate check found unique in the whole input: every claim is granted."""
+
+    def claim(self, id_hashes: list, keys: list) -> list[bool]:
+        return [True] * len(id_hashes)
+
+
+class PositionOwners:
+    """For replaying one deferred row at a time: its k-th valid pair owns its id unless (source, row, k) lost."""
+
+    def __init__(self, lost: set[tuple[int, int, int]]):
+        self.lost, self.position = lost, (0, 0)
+
+    def claim(self, id_hashes: list, keys: list) -> list[bool]:
+        source, row = self.position
+        return [(source, row, k) not in self.lost for k in range(len(id_hashes))]

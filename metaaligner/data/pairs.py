@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
+from metaaligner.data.records import is_utf8, parse_json, short_repr
 from metaaligner.data.schema import PREFERENCE_SYMBOLS, Rejected
 from metaaligner.objectives import ObjectiveSet
 
@@ -27,21 +27,28 @@ def _text(record: dict, field: str) -> str:
         raise Rejected("wrong_type", f"{field} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise Rejected("empty_field", f"{field} is empty")
+    if not is_utf8(value):
+        raise Rejected("invalid_utf8", f"{field} holds a lone surrogate (text that is not valid UTF-8)")
     return value
 
 
 def _mapping(value, field: str) -> dict:
-    """Accept a dict (JSON / Arrow struct), a list of (key, value) (Arrow map) or a JSON string."""
+    """Accept a dict (JSON / Arrow struct), a list of (key, value) (Arrow map) or a JSON string; keys are names."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise Rejected("wrong_type", f"{field} is a string but not a JSON object") from None
+            value = parse_json(value, field)
+        except Rejected as r:
+            raise Rejected("wrong_type", f"{field} is a string but not a JSON object ({r.detail})") from None
     if isinstance(value, list) and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in value):
-        value = dict(value)
-    if not isinstance(value, dict):
+        value = [tuple(kv) for kv in value]
+    elif isinstance(value, dict):
+        value = list(value.items())
+    else:
         raise Rejected("wrong_type", f"{field} must be a mapping of objective name to value, got {type(value).__name__}")
-    return {k: v for k, v in value.items() if v is not None}  # Arrow structs fill absent keys with null
+    bad_keys = [k for k, _ in value if not isinstance(k, str)]
+    if bad_keys:
+        raise Rejected("wrong_type", f"{field} keys must be objective names (strings), got {short_repr(bad_keys[0])}")
+    return {k: v for k, v in value if v is not None}  # Arrow structs fill absent keys with null
 
 
 def _check_names(names, objectives: ObjectiveSet) -> None:
@@ -50,29 +57,41 @@ def _check_names(names, objectives: ObjectiveSet) -> None:
         raise Rejected("unknown_objective", f"objectives {unknown} are not in set {objectives.name!r} ({objectives.names})")
 
 
-def _number(value, field: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise Rejected("bad_score", f"{field}[{name!r}] must be a number, got {value!r}")
-    return float(value)
+def number(value, what: str) -> float:
+    """A finite number from an int/float or a numeric string (CSV cells); Rejected("bad_score") otherwise."""
+    parsed = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        parsed = float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = float(value.strip())
+        except ValueError:
+            pass
+    if parsed is None or not math.isfinite(parsed):
+        raise Rejected("bad_score", f"{what} must be a finite number, got {short_repr(value)}")
+    return parsed
 
 
-def preferences_from_scores(scores_1: dict, scores_2: dict, decimals: int) -> dict[str, str]:
-    """Per objective: the higher score wins; equal after rounding to `decimals` is a tie."""
+def preferences_from_scores(scores_1: dict, scores_2: dict, decimals: int | None) -> dict[str, str]:
+    """Per objective: the higher score wins. Scores tie when equal exactly (`decimals` None) or after rounding
+    both to `decimals` places."""
     prefs = {}
-    for name in scores_1.keys() & scores_2.keys():
-        a = round(_number(scores_1[name], "scores_1", name), decimals)
-        b = round(_number(scores_2[name], "scores_2", name), decimals)
+    for name in sorted(scores_1.keys() & scores_2.keys()):
+        a = number(scores_1[name], f"scores_1[{name!r}]")
+        b = number(scores_2[name], f"scores_2[{name!r}]")
+        if decimals is not None:
+            a, b = round(a, decimals), round(b, decimals)
         prefs[name] = ">" if a > b else "<" if a < b else "="
     return prefs
 
 
-def validate_pair(record: dict, objectives: ObjectiveSet, score_decimals: int) -> Pair:
+def validate_pair(record: dict, objectives: ObjectiveSet, score_decimals: int | None) -> Pair:
     """A canonical record -> Pair, or Rejected with the first problem found."""
     pair_id = _text(record, "id")
     question, r1, r2 = (_text(record, f) for f in ("question", "response_1", "response_2"))
     if record.get("preferences") is not None:
         prefs = _mapping(record["preferences"], "preferences")
-        bad = sorted({repr(v) for v in prefs.values() if not isinstance(v, str) or v not in PREFERENCE_SYMBOLS})
+        bad = sorted({short_repr(v) for v in prefs.values() if not isinstance(v, str) or v not in PREFERENCE_SYMBOLS})
         if bad:
             raise Rejected("bad_preference_symbol", f"preference values must be '>', '<' or '=', got {', '.join(bad)}")
     elif record.get("scores_1") is not None and record.get("scores_2") is not None:

@@ -19,10 +19,18 @@ ITEM_SCHEMA = pa.schema([
     ("template", pa.string()),
 ])
 
+TEST_SCHEMA = pa.schema([  # held-out evaluation rows (reformulate --holdout-fraction)
+    ("id", pa.string()),
+    ("question", pa.string()),
+    ("golden", pa.string()),
+    ("candidates", pa.list_(pa.string())),  # the other answers to the question, in input order
+])
+TEST_SUBSET = "test"
+
 QUARANTINE_SCHEMA = pa.schema([
     ("reason", pa.string()),
     ("detail", pa.string()),
-    ("record", pa.string()),  # the original row as JSON
+    ("record", pa.string()),  # the original row as JSON (or the raw line)
     ("source", pa.string()),  # input file, when known
 ])
 

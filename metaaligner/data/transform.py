@@ -1,110 +1,212 @@
-"""Batch transform: raw rows -> canonical pairs -> correction items, with quarantine and counters."""
+"""The per-row path: raw rows -> canonical pairs -> correction items, evaluation rows and quarantine records.
+
+Nothing here raises for any row: a problem we know becomes a quarantine record with its reason
+(`Rejected`), anything else a record with reason `internal_error` (exception type and message). This is the
+reference implementation of reformulation (a vectorised path must give the same items, objective order
+and quarantine reasons).
+
+Counters (summed over batches; see pipeline.summarize for the invariants):
+rows_read, rows_adapted, rows_quarantined, rows_bad (rows with a quarantine other than duplicate_id),
+pairs_total, valid_pairs, pairs_quarantined, training_pairs, holdout_pairs, test_rows, holdout_no_golden,
+test_rows_quarantined, quarantined.<reason>, items.<subset>, objective.<subset>.<name>, ratings_non_numeric.
+"""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-import ray
-
-from metaaligner.data.adapters import ADAPTERS
+from metaaligner.data.adapters import FORMATS
 from metaaligner.data.algorithm import reformulate_pair
 from metaaligner.data.dedup import occurrence_keys
-from metaaligner.data.pairs import validate_pair
-from metaaligner.data.schema import ITEM_SCHEMA, SUBSETS, Rejected
+from metaaligner.data.pairs import Pair, validate_pair
+from metaaligner.data.records import decode_row, decode_text, parse_json, record_json, utf8_safe
+from metaaligner.data.schema import ITEM_SCHEMA, SUBSETS, TEST_SCHEMA, TEST_SUBSET, Rejected
+from metaaligner.data.split import HoldoutSplit
 from metaaligner.objectives import ObjectiveSet
 from metaaligner.prompts import Template
 
-SOURCE_COLUMN = "path"  # added by Ray Data readers with include_paths=True
-TEXT_COLUMN = "text"  # JSON lines read as text, parsed here so a bad line is quarantined, not fatal
+INTERNAL_ERROR = "internal_error"
+DUPLICATE_ID = "duplicate_id"
 
 
-def _columns() -> dict[str, list]:
-    return {name: [] for name in ITEM_SCHEMA.names}
+def _columns(schema) -> dict[str, list]:
+    return {name: [] for name in schema.names}
 
 
 @dataclass
 class BatchResult:
-    items: dict[str, dict[str, list]] = field(default_factory=lambda: {s: _columns() for s in SUBSETS})
+    """Column lists per output subset (contrastive, equal, test), quarantine records, counters, and the first
+    quarantine record of each reason (for the error report when too many rows are bad)."""
+
+    items: dict[str, dict[str, list]] = field(
+        default_factory=lambda: {**{s: _columns(ITEM_SCHEMA) for s in SUBSETS}, TEST_SUBSET: _columns(TEST_SCHEMA)})
     quarantine: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    examples: dict[str, dict] = field(default_factory=dict)
 
 
-def _as_json(record) -> str:
-    return json.dumps(record, ensure_ascii=False, default=str)
+@dataclass
+class RowOutcome:
+    """One input row after adaptation and validation, before the duplicate check."""
+
+    record: dict | None
+    source: str
+    valid: list[tuple[Pair | dict, dict]] = field(default_factory=list)  # (pair or released item, its record)
+    held_out: bool = False
+    bad: bool = False  # some quarantine other than duplicate_id happened for this row
 
 
-def _decode(row: dict, json_lines: bool) -> dict:
-    if not json_lines:
-        return {k: v for k, v in row.items() if k != SOURCE_COLUMN}
-    try:
-        record = json.loads(row[TEXT_COLUMN])
-    except (json.JSONDecodeError, TypeError) as e:
-        raise Rejected("invalid_json", f"not a JSON line: {e}") from None
+def _original(raw) -> object:
+    """The row as read, for a quarantine record."""
+    return raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+
+
+def _error_detail(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def decode(raw) -> dict:
+    """A raw row -> a record dict: JSON lines come as bytes/str, columnar rows as dicts (CSV cells as bytes)."""
+    if isinstance(raw, dict):
+        return decode_row(raw)
+    text = decode_text(raw, "the line") if isinstance(raw, bytes) else raw
+    record = parse_json(text, "the line")
     if not isinstance(record, dict):
         raise Rejected("invalid_json", f"a JSON line must hold an object, got {type(record).__name__}")
     return record
 
 
 class Reformulator:
-    """Applies adapter, validation, duplicate-id check and Algorithm 1 to one batch of rows."""
+    """Applies adapter, validation, held-out split, duplicate-id check and Algorithm 1 to batches of rows.
 
-    def __init__(self, fmt: str, objectives: ObjectiveSet, template: Template, seed: int, score_decimals: int,
-                 json_lines: bool, registry: "ray.actor.ActorHandle"):
-        self.adapter = ADAPTERS[fmt]
+    `registry` answers `claim(id_hashes, occurrence_keys) -> [owner?]` (see metaaligner.data.dedup): the job
+    decides duplicates beforehand with the partitioned check and passes AllOwners or PositionOwners;
+    LocalIdRegistry keeps first-come ownership in one process.
+    """
+
+    def __init__(self, fmt: str, objectives: ObjectiveSet, template: Template, seed: int,
+                 score_decimals: int | None, split: HoldoutSplit, registry):
+        self.format = FORMATS[fmt]
         self.objectives, self.template = objectives, template
         self.seed, self.score_decimals = seed, score_decimals
-        self.json_lines, self.registry = json_lines, registry
+        self.split, self.registry = split, registry
 
+    # -- quarantine ---------------------------------------------------------------------------------------------
     def _quarantine(self, out: BatchResult, reason: str, detail: str, record, source: str) -> None:
-        text = record if isinstance(record, str) else _as_json(record)
-        out.quarantine.append({"reason": reason, "detail": detail, "record": text, "source": source})
+        entry = {"reason": reason, "detail": utf8_safe(detail), "record": record_json(record),
+                 "source": utf8_safe(source)}
+        out.quarantine.append(entry)
         out.counts[f"quarantined.{reason}"] += 1
+        out.examples.setdefault(reason, entry)
 
-    def __call__(self, rows: list[dict]) -> BatchResult:
-        out = BatchResult()
-        out.counts["rows_read"] += len(rows)
-        candidates = []  # (canonical record, source)
-        for row in rows:
-            source = str(row.get(SOURCE_COLUMN) or "")
-            try:
-                record = _decode(row, self.json_lines)
-                pairs = self.adapter(record, self.objectives, out.counts)
-            except Rejected as r:
-                original = row[TEXT_COLUMN] if self.json_lines else _decode(row, json_lines=False)
-                self._quarantine(out, r.reason, r.detail, original, source)
-                out.counts["rows_quarantined"] += 1
-                continue
-            out.counts["rows_adapted"] += 1
-            candidates.extend((p, source) for p in pairs)
+    def _reject(self, out: BatchResult, error: BaseException, record, source: str) -> None:
+        if isinstance(error, Rejected):
+            self._quarantine(out, error.reason, error.detail, record, source)
+        else:
+            self._quarantine(out, INTERNAL_ERROR, _error_detail(error), record, source)
+
+    # -- per row ------------------------------------------------------------------------------------------------
+    def adapt_row(self, raw, source: str, out: BatchResult) -> RowOutcome | None:
+        """Decode, adapt, validate and split one row; None when the whole row is quarantined."""
+        out.counts["rows_read"] += 1
+        try:
+            record = decode(raw)
+            candidates = self.format.adapt(record, self.objectives, out.counts)
+        except Exception as e:  # noqa: BLE001 — every failure of one row is that row's quarantine record
+            self._reject(out, e, _original(raw), source)
+            out.counts["rows_quarantined"] += 1
+            out.counts["rows_bad"] += 1
+            return None
+        out.counts["rows_adapted"] += 1
         out.counts["pairs_total"] += len(candidates)
-
-        valid = []
-        for record, source in candidates:
+        row = RowOutcome(record, source)
+        for candidate in candidates:
             try:
-                valid.append((validate_pair(record, self.objectives, self.score_decimals), record, source))
-            except Rejected as r:
-                self._quarantine(out, r.reason, r.detail, record, source)
-        owners = self._claim([p.id for p, _, _ in valid], [s for _, _, s in valid]) if valid else []
-        per_objective: Counter = Counter()  # (subset, objective) -> items
-        for (pair, record, source), owner in zip(valid, owners):
+                if self.format.gives_items:
+                    row.valid.append((candidate, record))
+                    continue
+                pair = validate_pair(candidate, self.objectives, self.score_decimals)
+                row.held_out = self.split.held_out(pair.question)  # one question per row
+                row.valid.append((pair, candidate))
+            except Exception as e:  # noqa: BLE001
+                self._reject(out, e, candidate, source)
+                out.counts["pairs_quarantined"] += 1
+                row.bad = True
+        return row
+
+    def emit_row(self, row: RowOutcome, owners: list[bool], out: BatchResult, per_objective: Counter) -> None:
+        """Items (or evaluation rows, when held out) of one row's pairs that own their ids."""
+        held: list[Pair] = []
+        for (pair, record), owner in zip(row.valid, owners):
             if not owner:
-                self._quarantine(out, "duplicate_id", f"id {pair.id!r} was already used by another pair", record, source)
+                self._quarantine(out, DUPLICATE_ID, f"id {pair_id(pair)!r} was already used by another pair", record,
+                                 row.source)
+                out.counts["pairs_quarantined"] += 1
+                continue
+            if row.held_out:
+                held.append(pair)
+                out.counts["valid_pairs"] += 1
+                out.counts["holdout_pairs"] += 1
+                continue
+            try:
+                items = [pair] if self.format.gives_items else reformulate_pair(pair, self.objectives, self.template,
+                                                                                 self.seed)
+            except Exception as e:  # noqa: BLE001
+                self._reject(out, e, record, row.source)
+                out.counts["pairs_quarantined"] += 1
+                row.bad = True
                 continue
             out.counts["valid_pairs"] += 1
-            for item in reformulate_pair(pair, self.objectives, self.template, self.seed):
-                subset = item["subset"]
-                for name, column in out.items[subset].items():
-                    column.append(item[name])
+            out.counts["training_pairs"] += 1
+            for item in items:
+                _append(out.items[item["subset"]], item)
                 for name in item["objectives"]:
-                    per_objective[subset, name] += 1
-        for subset, columns in out.items.items():
-            out.counts[f"items.{subset}"] += len(columns["id"])
+                    per_objective[item["subset"], name] += 1
+        if held:
+            self._emit_test_rows(row, held, out)
+        if row.bad:
+            out.counts["rows_bad"] += 1
+
+    def _emit_test_rows(self, row: RowOutcome, held: list[Pair], out: BatchResult) -> None:
+        try:
+            rows = self.format.test_rows(row.record, held, self.objectives)
+        except Exception as e:  # noqa: BLE001
+            self._reject(out, e, row.record, row.source)
+            out.counts["test_rows_quarantined"] += 1
+            row.bad = True
+            return
+        if not rows:
+            out.counts["holdout_no_golden"] += 1
+        for test_row in rows:
+            _append(out.items[TEST_SUBSET], test_row)
+        out.counts["test_rows"] += len(rows)
+
+    # -- per batch ----------------------------------------------------------------------------------------------
+    def __call__(self, rows: list, source: str = "", position: str = "") -> BatchResult:
+        """One batch of raw rows from one source (file path, or "" for in-memory datasets). `position` (e.g. the
+        batch's first row in its file) tells a retried batch, which keeps its ids, from a duplicate elsewhere."""
+        out = BatchResult()
+        adapted = [r for r in (self.adapt_row(raw, source, out) for raw in rows) if r is not None]
+        ids = [pair_id(p) for r in adapted for p, _ in r.valid]
+        owners = iter(self._claim(ids, f"{source}@{position}") if ids else [])
+        per_objective: Counter = Counter()  # (subset, objective) -> items
+        for row in adapted:
+            self.emit_row(row, [next(owners) for _ in row.valid], out, per_objective)
+        for subset in SUBSETS:
+            out.counts[f"items.{subset}"] += len(out.items[subset]["id"])
         for (subset, name), n in per_objective.items():
             out.counts[f"objective.{subset}.{name}"] += n
         return out
 
-    def _claim(self, ids: list[str], sources: list[str]) -> list[bool]:
-        hashes, keys = occurrence_keys(ids, sources)
-        return ray.get(self.registry.claim.remote(hashes, keys))
+    def _claim(self, ids: list[str], source: str) -> list[bool]:
+        return self.registry.claim(*occurrence_keys(ids, [source] * len(ids)))
+
+
+def pair_id(pair: Pair | dict) -> str:
+    return pair["id"] if isinstance(pair, dict) else pair.id
+
+
+def _append(columns: dict[str, list], row: dict) -> None:
+    for name, column in columns.items():
+        column.append(row[name])

@@ -1,0 +1,110 @@
+"""Input sources read as Arrow batches (Parquet, CSV, in-memory blocks) or raw lines (JSON lines).
+
+A source is one input file, or one block of an in-memory dataset, named by its index in the run's source
+list (the file index: no per-row path strings travel with the data). Rows are numbered from 0 within their
+source, in the order every pass reads them, so (source, row) locates a row for the duplicate check.
+Reading errors are classified as `input_files.file_batches` does: a storage outage propagates, anything
+else is the file's `BadInputFile`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from metaaligner.data.input_files import READERS, BadInputFile, is_storage_outage
+
+_CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The run's inputs: files of one kind on a filesystem, or in-memory blocks (Ray object refs)."""
+
+    kind: str | None  # parquet | csv | jsonl, or None for in-memory blocks
+    paths: list[str]  # file paths, or "" per block
+    filesystem: object = None
+    blocks: list | None = None  # object refs of Arrow tables when kind is None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, index: int) -> str:
+        """The quarantine records' `source`: the file path ("" for in-memory rows, as the per-row path does)."""
+        return self.paths[index]
+
+    def batches(self, index: int, batch_size: int, columns: list[str] | None = None) -> Iterator[tuple[int, object]]:
+        """(first row, Arrow table or list of raw JSON lines) of one source; `columns` reads only those (columnar
+        kinds; None when a column is missing from a file)."""
+        if self.kind is None:
+            yield from _blocks(self.blocks[index], batch_size, columns)
+            return
+        yield from _classified(self.paths[index], _READERS[self.kind](self.filesystem, self.paths[index], batch_size,
+                                                                      columns))
+
+
+def _classified(path: str, batches: Iterator) -> Iterator[tuple[int, object]]:
+    offset = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 — an outage propagates, anything else is a bad file
+            if is_storage_outage(e):
+                raise
+            raise BadInputFile(path, f"{type(e).__name__}: {e}", offset) from e
+        yield offset, batch
+        offset += batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+
+
+def _blocks(ref, batch_size: int, columns: list[str] | None) -> Iterator[tuple[int, pa.Table]]:
+    import ray
+
+    table = ray.get(ref)
+    table = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table)
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    for start in range(0, table.num_rows, batch_size):
+        yield start, table.slice(start, batch_size)
+
+
+def _parquet(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[pa.Table]:
+    with fs.open_input_file(path) as f:
+        reader = pq.ParquetFile(f)
+        if columns is not None:
+            columns = [c for c in columns if c in reader.schema_arrow.names]
+        for batch in reader.iter_batches(batch_size=batch_size, columns=columns, use_threads=False):
+            yield pa.Table.from_batches([batch])
+
+
+def _csv(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[pa.Table]:
+    """Every cell as bytes, as the per-row reader has it (no type inference that could fail half-way)."""
+    with fs.open_input_stream(path, compression="detect") as f:
+        names = pacsv.open_csv(f, parse_options=_CSV_PARSE).schema.names
+    convert = pacsv.ConvertOptions(column_types={name: pa.binary() for name in names},
+                                   include_columns=[c for c in names if columns is None or c in columns])
+    with fs.open_input_stream(path, compression="detect") as f:
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in pacsv.open_csv(f, parse_options=_CSV_PARSE, convert_options=convert):
+            pending.append(batch)
+            rows += batch.num_rows
+            while rows >= batch_size:
+                table = pa.Table.from_batches(pending)
+                yield table.slice(0, batch_size)
+                rest = table.slice(batch_size)
+                pending, rows = rest.to_batches(), rest.num_rows
+        if rows:
+            yield pa.Table.from_batches(pending)
+
+
+def _jsonl(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[list]:
+    yield from READERS["jsonl"](fs, path, batch_size)  # raw lines: each line is decoded by the per-row path
+
+
+_READERS = {"parquet": _parquet, "csv": _csv, "jsonl": _jsonl}

@@ -1,0 +1,154 @@
+"""The partitioned duplicate check's pieces without Ray: finding duplicated ids, picking winners
+deterministically whatever the order or split, and the ids each format's rows can give."""
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from metaaligner.data.duplicates import (ID_SCHEMA, KEY_SCHEMA, RowIds, deferred_rows, duplicated, losers,
+                                         pair_digest)
+from metaaligner.data.pairs import validate_pair
+from metaaligner.objectives import load_objective_set
+
+UF = load_objective_set("ultrafeedback")
+
+
+def id_rows(rows):
+    ids, sources, positions = zip(*rows)
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(sources, pa.int32()),
+                                 pa.array(positions, pa.int64())], schema=ID_SCHEMA)
+
+
+def test_duplicated_keeps_every_copy_of_a_repeated_id():
+    table = id_rows([("a", 0, 0), ("b", 0, 1), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1)])
+    dup = duplicated(table)
+    assert sorted(zip(dup.column("id").to_pylist(), dup.column("source").to_pylist(), dup.column("row").to_pylist())) \
+        == [("a", 0, 0), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1)]
+    deferred = deferred_rows(dup)
+    assert {k: v.tolist() for k, v in deferred.items()} == {0: [0], 1: [5, 6], 2: [0, 1]}
+    assert duplicated(id_rows([("x", 0, 0)])).num_rows == 0
+
+
+def keys(rows):
+    ids, digests, sources, positions, candidates = zip(*rows)
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(digests, pa.binary(16)),
+                                 pa.array(sources, pa.int32()), pa.array(positions, pa.int64()),
+                                 pa.array(candidates, pa.int32())], schema=KEY_SCHEMA)
+
+
+def lost(table):
+    return sorted(zip(*(table.column(c).to_pylist() for c in ("source", "row", "candidate"))))
+
+
+def test_winner_is_the_smallest_digest_whatever_the_order_and_split():
+    rng = random.Random(0)
+    rows = []
+    for k in range(200):
+        for copy in range(rng.choice([1, 1, 2, 3])):
+            digest = bytes([rng.randrange(4)]) * 16  # collisions on purpose: identical copies
+            rows.append((f"id{k}", digest, rng.randrange(5), rng.randrange(10_000), rng.randrange(3)))
+    rows = list({r[2:]: r for r in rows}.values())  # one key per position
+    expected = lost(losers(keys(rows)))
+    for trial in range(5):
+        rng.shuffle(rows)
+        assert lost(losers(keys(rows))) == expected  # any order
+        cut = rng.randrange(len(rows))  # any split into partitions by id (as the hash shuffle does)
+        ids = sorted({r[0] for r in rows})
+        left = set(ids[:cut % len(ids)])
+        parts = [keys([r for r in rows if r[0] in left]), keys([r for r in rows if r[0] not in left])]
+        assert sorted(lost(losers(parts[0])) + lost(losers(parts[1]))) == expected
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r[0], []).append(r)
+    winners = {min(group, key=lambda r: (r[1], r[2], r[3], r[4]))[2:] for group in by_id.values()}
+    assert set(expected) == {r[2:] for r in rows} - winners
+
+
+def test_row_ids_for_columnar_canonical_and_per_row_formats():
+    table = pa.table({"id": ["a", None, "c"], "question": ["q"] * 3})
+    got = RowIds("canonical", UF)(table, 4, 100)
+    assert got.to_pylist() == [{"id": "a", "source": 4, "row": 100}, {"id": "c", "source": 4, "row": 102}]
+    lines = [json.dumps({"id": "x", "question": "q"}).encode(), b"{broken", json.dumps({"id": 3}).encode()]
+    assert RowIds("canonical", UF)(lines, 1, 0).to_pylist() == [{"id": "x", "source": 1, "row": 0}]
+    keys_ = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+    comp = lambda text: {"response": text, "annotations": {k: {"Rating": "3"} for k in keys_}}
+    uf = [json.dumps({"instruction": "Q", "completions": [comp("a"), comp("b"), comp("c")]}).encode()]
+    got = RowIds("ultrafeedback", UF)(uf, 2, 7)
+    assert got.num_rows == 3 and set(got.column("row").to_pylist()) == {7}
+
+
+def test_row_ids_of_integer_ids_are_left_to_the_per_row_path():
+    got = RowIds("canonical", UF)(pa.table({"id": pa.array([1, 2], pa.int64())}), 0, 0)
+    assert got.num_rows == 0  # canonical ids must be strings: such rows are quarantined, never duplicates
+
+
+def test_pair_digest_ignores_how_the_row_was_read():
+    a = validate_pair({"id": "p", "question": "q", "response_1": "x", "response_2": "y",
+                       "preferences": '{"Honesty": ">", "Helpfulness": "="}'}, UF, 1)
+    b = validate_pair({"id": "p", "question": "q", "response_1": "x", "response_2": "y",
+                       "preferences": {"Helpfulness": "=", "Honesty": ">"}}, UF, 1)
+    c = validate_pair({"id": "p", "question": "q", "response_1": "x", "response_2": "y",
+                       "preferences": {"Helpfulness": "=", "Honesty": "<"}}, UF, 1)
+    assert pair_digest(a) == pair_digest(b) != pair_digest(c)
+    assert len(np.frombuffer(pair_digest(a), dtype=np.uint8)) == 16
+
+
+# -- through the job on Ray --------------------------------------------------------------------------------------
+
+def planted_rows():
+    from metaaligner.synthetic import make_pair
+
+    rng = random.Random(21)
+    rows = [make_pair(f"d{i}", rng) for i in range(300)]
+    for r in rows:
+        r["preferences"] = json.dumps(r["preferences"])
+    extra = [dict(rows[i]) for i in range(0, 300, 30)]  # identical copies
+    extra += [{**rows[i], "response_1": rows[i]["response_1"] + f" v{k}"} for i in range(5, 300, 25) for k in (1, 2)]
+    return rows + extra
+
+
+def write_layout(rows, folder, files, kind, seed):
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    folder.mkdir()
+    for k in range(files):
+        part = rows[k::files]
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(part), folder / f"part-{k}.parquet")
+        else:
+            (folder / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def kept_items(out):
+    rows = pq.read_table(out / "contrastive").to_pylist() + pq.read_table(out / "equal").to_pylist()
+    return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, tmp_path, storage_config):
+    from metaaligner.config import ReformulateConfig
+    from metaaligner.data.pipeline import run_reformulation
+
+    rows = planted_rows()
+    layouts = [("one", 1, "parquet", 0), ("many", 5, "parquet", 1), ("jsonl", 3, "jsonl", 2)]
+    outputs = []
+    for name, files, kind, seed in layouts:  # (the partitioned shuffle is exercised by the two-node test)
+        write_layout(rows, tmp_path / name, files, kind, seed)
+        cfg = ReformulateConfig(input=str(tmp_path / name), output=str(tmp_path / f"out-{name}"),
+                                objectives="synthetic", batch_size=64)
+        summary = run_reformulation(cfg, storage_config)
+        assert summary["duplicates"] == len(rows) - 300 and summary["valid_pairs"] == 300
+        outputs.append(kept_items(tmp_path / f"out-{name}"))
+    assert outputs[0] == outputs[1] == outputs[2]
+
+    # the kept copy of every duplicated id is the one with the smallest content digest
+    best = {}
+    for r in rows:
+        pair = validate_pair(r, load_objective_set("synthetic"), 1)
+        best[pair.id] = min(best.get(pair.id, (b"\xff" * 17, None)), (pair_digest(pair), pair))
+    targets = {json.loads(i)["pair_id"]: json.loads(i) for i in outputs[0]}
+    for pair_id, (_, pair) in best.items():
+        item = targets[pair_id]
+        assert {item["weak_answer"], item["target"]} == {pair.response_1, pair.response_2}

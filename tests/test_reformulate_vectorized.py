@@ -1,0 +1,277 @@
+"""The column path of Algorithm 1 against the per-row path (the oracle): the same items, objective order
+included, the same quarantine records and counters, on varied inputs. No Ray needed."""
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from metaaligner.data.algorithm import _digest, seeded_shuffle
+from metaaligner.data.split import HoldoutSplit
+from metaaligner.data.transform import Reformulator
+from metaaligner.data.dedup import AllOwners
+from metaaligner.data.vector_batch import VectorReformulator, python_rows
+from metaaligner.data.vectorized import digest_words, shuffled_positions
+from metaaligner.objectives import Objective, ObjectiveSet, load_objective_set
+from metaaligner.prompts import PROFILES, get_template
+
+UF = load_objective_set("ultrafeedback")
+HH = load_objective_set("hh_rlhf")
+WIDE = ObjectiveSet("wide", [Objective(f"Aim {k} (ü)", f"description {k} | with pipes {{braces}}") for k in range(13)])
+TEXTS = ["plain", "ünïcode ✓ 你好", "pipes | and\nnewlines\n", "{braces} {question} %s", "long " * 3000, " padded ",
+         "emoji 🙂", "tab\tinside", "quote \" and \\ backslash"]
+BLANKS = ["", "   ", "\u3000", "\u2028 \u00a0", "\n\t"]
+
+
+def rows_of(columns: dict[str, list]) -> list[dict]:
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*columns.values())]
+
+
+def oracle(table: pa.Table, fmt: str, objectives, template, seed=7, decimals=1, split=None):
+    reformulator = Reformulator(fmt, objectives, template, seed, decimals, split or HoldoutSplit(0.0, 0), AllOwners())
+    return reformulator(python_rows(table), "src.parquet", "")
+
+
+def vectorised(table: pa.Table, fmt: str, objectives, template, seed=7, decimals=1, split=None):
+    return VectorReformulator(fmt, objectives, template, seed, decimals, split or HoldoutSplit(0.0, 0))(
+        table, "src.parquet")
+
+
+def assert_same(table: pa.Table, fmt: str, objectives, template=None, min_vector_share=0.0, **kw):
+    template = template or get_template("paper")
+    expected = oracle(table, fmt, objectives, template, **kw)
+    got = vectorised(table, fmt, objectives, template, **kw)
+    for kind, columns in expected.items.items():
+        want = sorted(map(json.dumps, rows_of(columns)))
+        have = sorted(json.dumps(r) for t in got.tables[kind] for r in t.to_pylist())
+        assert have == want, kind
+    quarantine = sorted(json.dumps(q, sort_keys=True) for q in expected.quarantine)
+    assert sorted(json.dumps(q, sort_keys=True) for t in got.tables["_quarantine"] for q in t.to_pylist()) == quarantine
+    assert +got.counts == +expected.counts
+    assert got.vector_rows >= min_vector_share * table.num_rows
+    return got
+
+
+def random_preferences(rng, names, junk=0.0):
+    prefs = {n: rng.choice(">><<==") for n in rng.sample(names, rng.randint(1, len(names)))}
+    if rng.random() < junk:
+        kind = rng.randrange(6)
+        if kind == 0:
+            prefs["Unknown aim"] = ">"
+        elif kind == 1:
+            prefs[rng.choice(names)] = rng.choice(["better", "", 1, None, ["<"], True])
+        elif kind == 2:
+            prefs = {}
+        elif kind == 3:
+            prefs = {n: None for n in names}
+        elif kind == 4:
+            prefs[rng.choice(names)] = "=="
+    return prefs
+
+
+def json_variants(rng, prefs) -> str:
+    """The same mapping written in several JSON styles (and some that are not JSON objects at all)."""
+    style = rng.randrange(9)
+    if style == 0:
+        return json.dumps(prefs, separators=(",", ":"))
+    if style == 1:
+        return json.dumps(prefs, indent=rng.choice([None, 2]))
+    if style == 2:
+        return " \n" + json.dumps(prefs) + "\r\n "
+    if style == 3:
+        return json.dumps(prefs, ensure_ascii=True).replace(">", "\\u003e")
+    if style == 4 and prefs:  # a key given twice: json.loads keeps the last
+        k = next(iter(prefs))
+        return "{" + json.dumps(k) + ': "<", ' + json.dumps(prefs)[1:]
+    if style == 5:
+        return rng.choice(["null", "[1, 2]", "{not json", "", "3", '"{}"', '[["Honesty", ">"]]', "{}\u00a0"])
+    return json.dumps(prefs, ensure_ascii=rng.random() < 0.5)
+
+
+def canonical_table(rng, n, objectives, junk=0.1, prefs_as="json", ids=None):
+    names = objectives.names
+    columns = {"id": [], "question": [], "response_1": [], "response_2": [], "preferences": []}
+    for i in range(n):
+        columns["id"].append(ids[i] if ids else f"id-{i}-{rng.choice(TEXTS)[:8]}")
+        for field in ("question", "response_1", "response_2"):
+            columns[field].append(rng.choice(BLANKS) if rng.random() < junk / 3 else rng.choice(TEXTS) + str(i))
+        prefs = random_preferences(rng, names, junk)
+        columns["preferences"].append(json_variants(rng, prefs) if prefs_as == "json" else prefs)
+    if rng.random() < junk:
+        columns["id"][rng.randrange(n)] = None
+    if prefs_as == "json":
+        return pa.table(columns)
+    # struct column: only string-valued symbols fit; other junk stays in its own rows as None
+    clean = [{k: v if isinstance(v, str) or v is None else None for k, v in p.items()} for p in columns["preferences"]]
+    columns["preferences"] = clean
+    return pa.Table.from_pydict(columns)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_clean_json_preferences_every_template(profile):
+    rng = random.Random(profile)
+    table = canonical_table(rng, 400, UF, junk=0.0)
+    got = assert_same(table, "canonical", UF, get_template(profile), min_vector_share=0.5)
+    assert sum(t.num_rows for t in got.tables["contrastive"]) > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_junk_json_preferences(seed):
+    rng = random.Random(seed)
+    assert_same(canonical_table(rng, 500, UF, junk=0.3), "canonical", UF, get_template("ultrafeedback"),
+                min_vector_share=0.2, seed=seed)
+
+
+def test_struct_preferences_with_unknown_fields_and_nulls():
+    rng = random.Random(11)
+    assert_same(canonical_table(rng, 400, UF, junk=0.3, prefs_as="struct"), "canonical", UF, min_vector_share=0.3)
+
+
+def test_many_objectives_shuffle_like_the_oracle():
+    rng = random.Random(5)
+    table = canonical_table(rng, 600, WIDE, junk=0.0)
+    got = assert_same(table, "canonical", WIDE, min_vector_share=0.6, seed=12345)  # some JSON styles fall back
+    orders = {tuple(o) for t in got.tables["contrastive"] for o in t.column("objectives").to_pylist() if len(o) > 3}
+    assert len(orders) > 20
+
+
+def test_shuffle_kernel_matches_seeded_shuffle():
+    rng = np.random.default_rng(0)
+    members = rng.random((300, 16)) < 0.6
+    ids = [f"p{i}" for i in range(300)]
+    words = digest_words(3, pa.array(ids), "equal")[:, :16]
+    positions, counts = shuffled_positions(members, words)
+    names = [f"o{k}" for k in range(16)]
+    for r in range(300):
+        group = [names[k] for k in range(16) if members[r, k]]
+        assert [names[k] for k in positions[r, :counts[r]]] == seeded_shuffle(group, _digest(3, ids[r], "equal")[:32])
+
+
+def score_row(rng, names, as_json, junk):
+    s1, s2 = {}, {}
+    for name in rng.sample(names, rng.randint(1, len(names))):
+        a = rng.choice([round(rng.uniform(-3, 3), rng.choice([1, 2, 3])), rng.randint(-2, 2), 0.25, 0.15, 1e-12])
+        b = a if rng.random() < 0.3 else round(a + rng.choice([0.01, -0.04, 0.05, 0.5]), 3)
+        s1[name], s2[name] = a, b
+    if rng.random() < junk:
+        kind = rng.randrange(5)
+        if kind == 0:
+            s1[rng.choice(names)] = rng.choice(["high", "1.5", float("nan"), float("inf"), True])
+        elif kind == 1:
+            s2.pop(next(iter(s2)))
+        elif kind == 2:
+            s1["Unknown aim"] = 1.0
+        elif kind == 3:
+            s1 = {n: None for n in s1}
+    if as_json:
+        dump = lambda s: json.dumps(s) if all(not isinstance(v, float) or np.isfinite(v) for v in s.values()) else "{}"
+        return dump(s1), dump(s2)
+    return s1, s2
+
+
+@pytest.mark.parametrize("as_json,decimals", [(True, 1), (True, None), (False, 2), (False, None), (True, 0)])
+def test_scores_ties_and_rounding(as_json, decimals):
+    rng = random.Random(f"{as_json}{decimals}")
+    names = UF.names
+    columns = {"id": [], "question": [], "response_1": [], "response_2": [], "scores_1": [], "scores_2": []}
+    for i in range(500):
+        columns["id"].append(f"s{i}")
+        columns["question"].append(f"q{i} {rng.choice(TEXTS)}")
+        columns["response_1"].append(rng.choice(TEXTS))
+        columns["response_2"].append(rng.choice(TEXTS))
+        s1, s2 = score_row(rng, names, as_json, junk=0.2)
+        if not as_json:  # struct fields hold one type: keep floats, leave other junk out
+            s1 = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in s1.items()}
+            s2 = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in s2.items()}
+        columns["scores_1"].append(s1)
+        columns["scores_2"].append(s2)
+    table = pa.table(columns) if as_json else pa.Table.from_pydict(columns)
+    assert_same(table, "canonical", UF, decimals=decimals, min_vector_share=0.15)  # many scores end in 5: Python decides
+
+
+def test_preferences_win_over_scores_and_missing_labels():
+    table = pa.Table.from_pydict({
+        "id": ["a", "b", "c", "d"], "question": ["q"] * 4, "response_1": ["x"] * 4, "response_2": ["y"] * 4,
+        "preferences": ['{"Honesty": ">"}', None, None, "{}"],
+        "scores_1": [{"Honesty": 1.0}, {"Honesty": 2.0}, None, {"Honesty": 1.0}],
+        "scores_2": [{"Honesty": 3.0}, {"Honesty": 2.0}, {"Honesty": 1.0}, {"Honesty": 1.0}]})
+    got = assert_same(table, "canonical", UF)
+    assert got.vector_rows == 2 and got.counts["quarantined.missing_field"] == 1
+
+
+def test_wrong_types_and_invalid_utf8_fall_back_per_row():
+    bad = pa.array([b"ok", b"\xed\xa0\x80 surrogate", b"\xff"], pa.binary())
+    table = pa.table({"id": pa.array([1, 2, 3]), "question": bad.view(pa.string()), "response_1": ["a", "b", "c"],
+                      "response_2": ["a", "b", "c"], "preferences": ['{"Honesty": ">"}'] * 3})
+    got = assert_same(table, "canonical", UF)
+    assert got.vector_rows == 0 and got.counts["rows_quarantined"] + got.counts["pairs_quarantined"] == 3
+
+
+def hh_table(rng, n, with_ids, as_csv):
+    columns = {"prompt": [], "chosen_response": [], "rejected_response": []}
+    if with_ids:
+        columns["id"] = [rng.choice([None, f"h{i}", ""]) if i % 7 == 0 else f"h{i}" for i in range(n)]
+    for k in (1, 2, 3):
+        columns[f"chosen_score{k}"], columns[f"rejected_score{k}"] = [], []
+    for i in range(n):
+        columns["prompt"].append(f"\n\nHuman: {rng.choice(TEXTS)} {i}\n\nAssistant:")
+        columns["chosen_response"].append(rng.choice(TEXTS + BLANKS[:1]))
+        columns["rejected_response"].append(rng.choice(TEXTS))
+        for k in (1, 2, 3):
+            a = rng.choice([round(rng.gauss(0, 1), 4), 0.52, round(rng.gauss(0, 1), 4)])
+            b = rng.choice([a, round(rng.gauss(0, 1), 4), round(rng.gauss(0, 1), 4)])
+            if rng.random() < 0.05:  # absent scores (empty CSV cells)
+                a, b = rng.choice([(None, None), (a, None)])
+            columns[f"chosen_score{k}"].append(a)
+            columns[f"rejected_score{k}"].append(b)
+    table = pa.table(columns)
+    if as_csv:  # the CSV reader gives every cell as bytes (missing cells empty)
+        table = pa.table({name: pa.array([b"" if v is None else str(v).encode() for v in table.column(name).to_pylist()],
+                                         pa.binary()) for name in table.column_names})
+    return table
+
+
+@pytest.mark.parametrize("with_ids,as_csv", [(False, False), (True, False), (False, True), (True, True)])
+def test_hh_rlhf_scores(with_ids, as_csv):
+    rng = random.Random(f"{with_ids}{as_csv}")
+    assert_same(hh_table(rng, 300, with_ids, as_csv), "hh_rlhf_scores", HH, get_template("hh_rlhf"), decimals=None,
+                min_vector_share=0.2)
+
+
+def test_held_out_rows_take_the_per_row_path():
+    rng = random.Random(3)
+    table = canonical_table(rng, 400, UF, junk=0.05)
+    got = assert_same(table, "canonical", UF, split=HoldoutSplit(0.3, 9), min_vector_share=0.4)
+    assert got.counts["test_rows"] > 50
+
+
+def test_deferred_rows_are_left_out():
+    table = canonical_table(random.Random(1), 50, UF, junk=0.0)
+    full = vectorised(table, "canonical", UF, get_template("paper"))
+    part = VectorReformulator("canonical", UF, get_template("paper"), 7, 1, HoldoutSplit(0.0, 0))(
+        table, "src", defer=np.arange(0, 50, 2))
+    assert part.counts["rows_read"] == 25 and full.counts["rows_read"] == 50
+    kept = {r["pair_id"] for t in part.tables["contrastive"] + part.tables["equal"] for r in t.to_pylist()}
+    assert kept == {f for f in table.column("id").to_pylist()[1::2]} & kept and kept
+
+
+def test_formats_without_a_column_form_match_too():
+    keys = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+    comp = lambda text, r: {"response": text, "annotations": {k: {"Rating": v} for k, v in zip(keys, r)}}
+    rows = [json.dumps({"instruction": f"Q{i}", "completions": [comp("a", "5432"), comp("b", ["1", "N/A", "4", "4"])]})
+            .encode() for i in range(20)] + [b"{bad"]
+    template = get_template("ultrafeedback")
+    expected = Reformulator("ultrafeedback", UF, template, 1, 1, HoldoutSplit(0.0, 0), AllOwners())(rows, "f", "")
+    got = VectorReformulator("ultrafeedback", UF, template, 1, 1, HoldoutSplit(0.0, 0))(rows, "f")
+    assert +got.counts == +expected.counts and got.vector_rows == 0
+
+
+def test_whitespace_list_is_pythons():
+    import sys
+
+    from metaaligner.data.vector_checks import PY_SPACE
+
+    assert PY_SPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
