@@ -1,11 +1,18 @@
-"""Training throughput: our trainer (packing, planned steps) vs a plain DeepSpeed ZeRO-3 loop on padded batches.
+"""Training throughput: our trainer vs a plain DeepSpeed loop on padded batches, same token budget, same run.
 
-Both run in the same invocation, on the same reformulated synthetic data (its length mix), model,
-workers, DeepSpeed settings and number of optimizer steps. Reported: non-pad tokens/s and MFU on
-non-pad tokens (and, for the baseline, tokens/s counting padding), plus the ratio ours/baseline.
+- ours: `run_stage` — padding-free micro-batches flattened to (1, T) with host-computed cu_seq_lens (torch's varlen
+  kernel on GPU, SDPA per example on CPU), lm_head at target positions only, planned steps, background collation.
+- baseline: a plain DeepSpeed loop in Ray Train — the same examples, length-grouped into micro-batches padded
+  to the longest with rows x longest <= the same token budget, an attention mask, HF's mean loss over logits
+  of every position.
+Both: same model, example lengths drawn from the realistic length mix (shared/reference/length-mix.md),
+workers, DeepSpeed settings, token budget per micro-batch and optimizer steps (the first 2 untimed).
+Reported per run: non-pad tokens/s, MFU in our convention (metrics.CONVENTION) and in the anchor's
+(6 * N_total per non-pad token), padding share; and the same-run ratio ours / baseline.
 
-  CPU (default):  python bench/train_throughput.py
-  GPU (1 H100):   python bench/train_throughput.py --size tinyllama --workers 1 --gpu
+  CPU:          python bench/train_throughput.py                       (hh_rlhf mix, max_length 1024)
+  GPU (H100):   python bench/train_throughput.py --size tinyllama --gpu --workers 1   (ultrafeedback mix, 2048)
+  rehearsal:    python bench/train_throughput.py --size smoke
 """
 
 from __future__ import annotations
@@ -13,43 +20,64 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
+import platform
 import tempfile
 import time
 from pathlib import Path
 
-SIZES = {  # model shape, sequence length, micro-batch (rows), optimizer steps
-    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=4, inter=1024, vocab=512, seq=512, micro=4, steps=12,
-                pairs=3000),
-    "tinyllama": dict(hidden=2048, layers=22, heads=32, kv_heads=4, inter=5632, vocab=32000, seq=2048, micro=8,
-                      steps=30, pairs=20000),
+SIZES = {  # model shape, length mix, max_length, token budget per micro-batch, timed steps, examples
+    "smoke": dict(hidden=64, layers=2, heads=4, kv_heads=4, inter=256, vocab=1024, mix="hh_rlhf", max_length=512,
+                  budget=2048, steps=3, examples=300),
+    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=4, inter=1024, vocab=2048, mix="hh_rlhf", max_length=1024,
+                budget=4096, steps=12, examples=3000),
+    "tinyllama": dict(hidden=2048, layers=22, heads=32, kv_heads=4, inter=5632, vocab=32000, mix="ultrafeedback",
+                      max_length=2048, budget=16384, steps=20, examples=6000),
 }
+UNTIMED = 2
+WORDS = [a + b + c for a in "bdfgklmnprstvz" for b in "aeiou" for c in "bdgklmnprstx"][:600]
 
 
-def make_data(root: Path, pairs: int) -> Path:
-    from metaaligner.config import ReformulateConfig, StorageConfig
-    from metaaligner.data.pipeline import run_reformulation
-    from metaaligner.synthetic import write_pairs
+def make_data(root: Path, shape: dict, seed: int = 0) -> Path:
+    """Reformulated contrastive rows whose parts have realistic token counts (one pseudo-word = one token)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    src = write_pairs(root / "pairs.jsonl", pairs, seed=0)
+    from metaaligner.prompts import get_template
+    from metaaligner.training.length_mix import TEMPLATE_TOKENS, part_tokens
+
+    n = shape["examples"]
+    parts = part_tokens(n, shape["mix"], seed)
+    rng = np.random.default_rng(seed)
+    template = get_template("paper")
+    room = shape["max_length"] - TEMPLATE_TOKENS - 1
+    rows = []
+    for i in range(n):
+        target = int(min(parts["target"][i], room // 2))
+        weak = int(min(parts["weak"][i], room - target - min(int(parts["question"][i]), room // 4)))
+        question = int(min(parts["question"][i], room - target - weak))
+        q, w, t = (" ".join(rng.choice(WORDS, k)) for k in (question, max(weak, 1), target))
+        rows.append({"id": f"bench-{i}", "pair_id": f"p{i}", "subset": "contrastive", "condition": "better",
+                     "objectives": ["Helpfulness"], "template": "paper", "weak_answer": w, "target": t,
+                     "prompt": template.render("better", "Helpfulness: the answer is useful", q, w)})
     out = root / "reformulated"
-    run_reformulation(ReformulateConfig(input=str(src), output=str(out), format="canonical", objectives="synthetic",
-                                        template="paper"), StorageConfig(endpoint_url=None))
+    (out / "contrastive").mkdir(parents=True)
+    (out / "equal").mkdir()
+    for f in range(4):
+        pq.write_table(pa.Table.from_pylist(rows[f::4]), out / "contrastive" / f"part-{f}.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:8]), out / "equal" / "part-0.parquet")
     return out
 
 
-def make_model(root: Path, data: Path, shape: dict) -> Path:
-    import pyarrow.parquet as pq
+def make_model(root: Path, shape: dict) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from metaaligner.modeling import train_tokenizer
+    from metaaligner.prompts import get_template
 
-    texts = []
-    for f in sorted((data / "contrastive").glob("*.parquet"))[:4]:
-        t = pq.read_table(f, columns=["prompt", "target"]).slice(0, 2000)
-        texts += t.column("prompt").to_pylist() + t.column("target").to_pylist()
-    tok = train_tokenizer(texts, shape["vocab"])
+    template = get_template("paper").render("better", "Helpfulness: the answer is useful", "q", "w")
+    tok = train_tokenizer([template] * 200 + [" ".join(WORDS)] * 200, min(shape["vocab"], 4096))
     cfg = LlamaConfig(vocab_size=max(shape["vocab"], len(tok)), hidden_size=shape["hidden"],
                       intermediate_size=shape["inter"], num_hidden_layers=shape["layers"],
                       num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
@@ -63,39 +91,44 @@ def make_model(root: Path, data: Path, shape: dict) -> Path:
 
 
 def baseline_func(cfg: dict) -> None:
-    """A plain ZeRO-3 loop: shuffled examples, padded batches + attention mask, HF mean loss."""
+    """The plain loop: padded length-grouped micro-batches + attention mask, HF mean loss, one micro-batch per step."""
     import deepspeed
+    import numpy as np
+    import ray
     import ray.train as rt
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from metaaligner.training.metrics import model_flops, peak_flops_per_worker
+    from metaaligner.training.metrics import anchor_flops, peak_flops_per_worker, training_flops
 
     ctx = rt.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cuda", ctx.get_local_rank()) if cfg["gpu"] else torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if cfg["gpu"] else "gloo")
-    _keep = HfDeepSpeedConfig(cfg["ds_config"])
+    _keep = HfDeepSpeedConfig(cfg["ds_config"]) if cfg["ds_config"]["zero_optimization"]["stage"] == 3 else None
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16 if cfg["bf16"] else torch.float32,
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg["ds_config"])
-    examples, micro, pad = cfg["examples"], cfg["micro"], cfg["pad_id"]
-    random.Random(0).shuffle(examples)
-    batches = [examples[i:i + micro] for i in range(rank * micro, len(examples), world * micro)]
+    shared = ray.get(cfg["data_ref"])
+    plan, tokens, offsets, plens = shared["plan"], shared["tokens"], shared["offsets"], shared["plens"]
+    shape = shared["shape"]
     peak = peak_flops_per_worker(cfg["gpu"], cfg["peak_tflops"])
-    times, nonpad, padded, flops = [], 0, 0, 0.0
-    for step in range(cfg["steps"] + cfg["warmup_steps"]):
-        rows = batches[step % len(batches)]
-        width = max(len(ids) for ids, _ in rows) if cfg["padding"] == "longest" else cfg["seq"]
-        ids = torch.full((len(rows), width), pad)
+    times, nonpad, computed, flops, flops_anchor = [], 0, 0, 0.0, 0.0
+    for step in range(len(plan)):
+        rows = [int(i) for i in plan.rank_micros(step, rank)[0]]
+        if not rows:
+            raise RuntimeError("an empty baseline micro-batch: give the bench more examples")
+        lens = [int(offsets[i + 1] - offsets[i]) for i in rows]
+        width = max(lens)
+        ids = torch.full((len(rows), width), cfg["pad_id"])
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100)
-        for r, (tokens, plen) in enumerate(rows):
-            ids[r, :len(tokens)] = torch.tensor(tokens)
-            mask[r, :len(tokens)] = 1
-            labels[r, plen:len(tokens)] = torch.tensor(tokens[plen:])
+        for r, (i, n) in enumerate(zip(rows, lens)):
+            ids[r, :n] = torch.from_numpy(tokens[offsets[i]:offsets[i + 1]].astype(np.int64))
+            mask[r, :n] = 1
+            labels[r, plens[i]:n] = ids[r, plens[i]:n]
         if cfg["gpu"]:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -104,36 +137,58 @@ def baseline_func(cfg: dict) -> None:
         engine.step()
         if cfg["gpu"]:
             torch.cuda.synchronize()
-        if step >= cfg["warmup_steps"]:
+        if step >= UNTIMED:
             times.append(time.perf_counter() - t0)
-            lens = [len(t) for t, _ in rows]
-            nonpad += sum(lens) * world  # every rank runs a batch of the same kind
-            padded += len(rows) * width * world
-            flops += model_flops(cfg["n_params"], cfg["layers"], cfg["hidden"], lens) * world
+            everyone = [None] * world  # every rank's own micro-batch counts
+            torch.distributed.all_gather_object(everyone, lens)
+            all_lens = np.array([n for part in everyone for n in part], dtype=np.float64)
+            nonpad += all_lens.sum()
+            computed += sum(len(part) * max(part) for part in everyone)
+            flops += training_flops(shape, all_lens, all_lens).sum()  # lm_head runs at every position here
+            flops_anchor += anchor_flops(shape, all_lens).sum()
     if rank == 0:
         total = sum(times)
         Path(cfg["result"]).write_text(json.dumps({
-            "non_pad_tokens_per_s": nonpad / total, "tokens_per_s_with_padding": padded / total,
-            "mfu_non_pad": flops / (total * peak * world), "padding_fraction": 1 - nonpad / padded}))
+            "non_pad_tokens_per_s": nonpad / total, "mfu": flops / (total * peak * world),
+            "mfu_anchor": flops_anchor / (total * peak * world), "padding_fraction": 1 - nonpad / computed,
+            "timed_steps": len(times)}))
 
 
-def run_baseline(train_cfg, stage_cfg, data_index, model_dir: Path, shape: dict, gpu: bool, padding: str) -> dict:
+def run_baseline(train_cfg, model_dir: Path, data: Path, gpu: bool) -> dict:
+    """Tokenise the same rows as ours, plan length-grouped padded micro-batches with the same budget, run the loop."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import ray
     import ray.train as rt
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from metaaligner.modeling import load_tokenizer
     from metaaligner.training.deepspeed_config import build_deepspeed_config
-    from metaaligner.training.trainer import _count_params
+    from metaaligner.training.metrics import ModelShape
+    from metaaligner.training.packing import plan_stage
+    from metaaligner.training.tokenize import tokenize_example
 
-    params, layers, hidden = _count_params(model_dir)
-    result = Path(tempfile.mkdtemp()) / "baseline.json"
+    tok = load_tokenizer(model_dir)
+    table = pq.read_table(data / "contrastive", columns=["prompt", "weak_answer", "target"])
+    examples = [e for e in (tokenize_example(tok, p, w, t, train_cfg.max_length)[:2] for p, w, t in
+                            zip(*(table.column(c).to_pylist() for c in ("prompt", "weak_answer", "target"))))
+                if e[0] is not None]
+    lengths = np.array([len(ids) for ids, _ in examples])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    steps = train_cfg.contrastive.max_steps
     world = train_cfg.num_workers
-    cfg = {
-        "model": str(model_dir), "examples": data_index, "micro": shape["micro"], "seq": shape["seq"],
-        "steps": shape["steps"], "warmup_steps": 2, "gpu": gpu, "bf16": train_cfg.deepspeed.precision == "bf16",
-        "ds_config": build_deepspeed_config(train_cfg.deepspeed, stage_cfg, world, shape["steps"] + 2),
-        "pad_id": 0, "peak_tflops": train_cfg.peak_tflops, "n_params": params, "layers": layers, "hidden": hidden,
-        "result": str(result), "padding": padding,
-    }
+    plan = plan_stage(np.arange(len(examples)), lengths, epochs=100, max_steps=steps, packing=False,
+                      budget=train_cfg.token_budget, world=world, grad_accum=1, seed=train_cfg.seed)
+    ds = train_cfg.deepspeed.model_copy(update={"grad_accum": 1})
+    ds_config = build_deepspeed_config(ds, train_cfg.contrastive, world, steps)
+    ds_config["managed_gradient_accumulation"] = True  # one micro-batch per step: DeepSpeed's default loop
+    result = Path(tempfile.mkdtemp()) / "baseline.json"
+    data_ref = ray.put({"plan": plan, "offsets": offsets, "plens": np.array([p for _, p in examples]),
+                        "tokens": np.concatenate([np.asarray(ids, np.int32) for ids, _ in examples]),
+                        "shape": ModelShape.from_config(model_dir)})
+    cfg = {"model": str(model_dir), "data_ref": data_ref, "gpu": gpu, "bf16": ds.precision == "bf16",
+           "ds_config": ds_config, "pad_id": tok.pad_token_id, "peak_tflops": train_cfg.peak_tflops,
+           "result": str(result)}
     env = {"DS_ACCELERATOR": "cuda" if gpu else "cpu"}
     TorchTrainer(baseline_func, train_loop_config=cfg, torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
                  scaling_config=rt.ScalingConfig(num_workers=world, use_gpu=gpu),
@@ -143,72 +198,68 @@ def run_baseline(train_cfg, stage_cfg, data_index, model_dir: Path, shape: dict,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=SIZES, default="cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--gpu", action="store_true")
-    p.add_argument("--pairs", type=int, help="synthetic preference pairs (default: per size)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--baseline-padding", choices=["longest", "max_length"], default="longest")
+    p.add_argument("--steps", type=int, help="timed optimizer steps (default: per size)")
+    p.add_argument("--attn", help="ours: attention backend (default: torch_varlen on GPU, sdpa_varlen on CPU; sdpa is "
+                                  "the dense block-diagonal reference)")
+    p.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
     p.add_argument("--peak-tflops", type=float, help="per worker; default: GPU table or a CPU matmul probe")
+    p.add_argument("--out", help="also write the report (JSON) here")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    import torch
 
     from metaaligner.config import StorageConfig
-    from metaaligner.modeling import load_tokenizer
     from metaaligner.training.config import TrainConfig
-    from metaaligner.training.tokenize import tokenize_example
+    from metaaligner.training.metrics import ANCHOR_CONVENTION, CONVENTION, peak_flops_per_worker
     from metaaligner.training.trainer import run_stage
 
     if args.peak_tflops is None and not args.gpu:  # one probe for both runs (1 thread = one Ray CPU worker)
-        import torch
-
-        from metaaligner.training.metrics import peak_flops_per_worker
-
         torch.set_num_threads(1)
         args.peak_tflops = max(peak_flops_per_worker(False, None) for _ in range(3)) / 1e12
     shape = dict(SIZES[args.size])
-    shape["steps"] = args.steps or shape["steps"]
-    ray.init(num_cpus=None if args.gpu else max(os.cpu_count() or 2, args.workers + 1), include_dashboard=False,
+    steps = args.steps or shape["steps"]
+    ray.init(num_cpus=None if args.gpu else max(os.cpu_count() or 2, args.workers + 2), include_dashboard=False,
              log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="train-bench-"))
     t0 = time.time()
-    data = make_data(root, args.pairs or shape["pairs"])
-    model_dir = make_model(root, data, shape)
+    data = make_data(root, shape)
+    model_dir = make_model(root, shape)
     print(f"data + model ready in {time.time() - t0:.0f}s ({root})", flush=True)
     cfg = TrainConfig(
-        data=str(data), base_model=str(model_dir), output=str(root / "out"), max_length=shape["seq"],
-        num_workers=args.workers, use_gpu=args.gpu, peak_tflops=args.peak_tflops, log_every=1,
-        deepspeed=dict(zero_stage=3, precision="bf16" if args.gpu else "fp32", micro_batch_size=shape["micro"],
-                       torch_adam=True),
+        data=str(data), base_model=str(model_dir), output=str(root / "out"), max_length=shape["max_length"],
+        micro_batch_tokens=shape["budget"], num_workers=args.workers, use_gpu=args.gpu, peak_tflops=args.peak_tflops,
+        attn_implementation=args.attn or ("torch_varlen" if args.gpu else "sdpa_varlen"), log_every=1, kernels="auto",
+        deepspeed=dict(zero_stage=args.zero, precision="bf16" if args.gpu else "fp32", torch_adam=True),
         warmup={"enabled": False}, equal={"enabled": False},
-        contrastive=dict(lr=1e-5, warmup_ratio=0.0, max_steps=shape["steps"] + 2),
+        contrastive=dict(lr=1e-5, warmup_ratio=0.0, epochs=100, max_steps=steps + UNTIMED),
     )
-    ours = run_stage(cfg, StorageConfig(endpoint_url=None), "contrastive")
-
-    import pyarrow.parquet as pq
-
-    tok = load_tokenizer(model_dir)
-    table = pq.read_table(data / "contrastive", columns=["prompt", "weak_answer", "target"]).slice(0, 20000)
-    examples = [e for e in (tokenize_example(tok, p_, w, t, shape["seq"])[:2] for p_, w, t in
-                            zip(*(table.column(c).to_pylist() for c in ("prompt", "weak_answer", "target"))))
-                if e[0] is not None]
+    ours_summary = run_stage(cfg, StorageConfig(endpoint_url=None), "contrastive")
     records = [json.loads(ln) for ln in (root / "out" / "contrastive" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    steady = records[2:]  # same 2 warm-up steps excluded as in the baseline
-    seconds = sum(r["step_time_s"] for r in steady)
-    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steady)
-    mfu = sum(r["mfu"] * r["step_time_s"] for r in steady) / seconds
-    base = run_baseline(cfg, cfg.contrastive, examples, model_dir, shape, args.gpu, args.baseline_padding)
+    timed = [r for r in records if r["step"] > UNTIMED]
+    seconds = sum(r["step_time_s"] for r in timed)
+    ours = {"non_pad_tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / seconds,
+            "mfu": sum(r["mfu"] * r["step_time_s"] for r in timed) / seconds,
+            "mfu_anchor": sum(r["mfu_anchor"] * r["step_time_s"] for r in timed) / seconds,
+            "padding_fraction": ours_summary["padding_fraction"], "timed_steps": len(timed),
+            "attn_implementation": cfg.attention}
+    base = run_baseline(cfg, model_dir, data, args.gpu)
     report = {
-        "size": args.size, "workers": args.workers, "peak_tflops_per_worker": args.peak_tflops, "gpu": args.gpu,
-        "seq": shape["seq"], "micro_batch": shape["micro"],
-        "steps": shape["steps"], "mean_example_tokens": sum(len(e[0]) for e in examples) / len(examples),
-        "ours": {"non_pad_tokens_per_s": tokens / seconds, "mfu_non_pad": mfu, "padding_fraction": ours["padding_fraction"]},
-        "baseline": base,
-        "ratio_tokens_per_s": tokens / seconds / base["non_pad_tokens_per_s"],
+        "size": args.size, "mix": shape["mix"], "max_length": shape["max_length"], "token_budget": shape["budget"],
+        "workers": args.workers, "gpu": torch.cuda.get_device_name() if args.gpu else None, "zero_stage": args.zero,
+        "peak_tflops_per_worker": args.peak_tflops, "machine": platform.machine(), "cpus": os.cpu_count(),
+        "non_pad_tokens_per_step": ours_summary["non_pad_tokens"] / ours_summary["steps"],
+        "flop_convention": CONVENTION, "anchor_convention": ANCHOR_CONVENTION,
+        "ours": ours, "baseline": base,
+        "ratio_non_pad_tokens_per_s": ours["non_pad_tokens_per_s"] / base["non_pad_tokens_per_s"],
     }
     print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
     ray.shutdown()
 
 

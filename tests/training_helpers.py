@@ -45,3 +45,19 @@ def write_reformulated(folder: str | Path, n_contrastive: int = 48, n_equal: int
             part = rows[f::files]
             pq.write_table(pa.Table.from_pylist(part), folder / subset / f"part-{f:03d}.parquet")
     return folder
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                          enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's contract (torch >= 2.13 signature) computed segment by segment
+    with SDPA: a CPU stand-in for the GPU-only kernel, to check our plumbing around it."""
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.empty_like(q)
+    causal = tuple(window_size) == (-1, 0)
+    for s, e in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
+        out[s:e] = o[0].transpose(0, 1)
+    return out

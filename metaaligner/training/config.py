@@ -1,4 +1,4 @@
-"""Typed settings of the `train:` section: stages, DeepSpeed knobs and the run's storage."""
+"""Typed settings of the `train:` section: stages, batching, attention backend, DeepSpeed knobs and storage."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from metaaligner.section import Section
 
 STAGES = ("warmup", "equal", "contrastive")
+CPU_ATTENTION = ("sdpa", "eager", "sdpa_varlen")  # the reference (block-diagonal mask) and the fast CPU varlen path
+GPU_ATTENTION = ("flash_attention_2", "torch_varlen", "flex_attention")  # varlen / block-mask kernels, GPU only
 
 
 class StageConfig(Section):
@@ -20,7 +22,8 @@ class StageConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="linear warm-up share of the stage's steps")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps (None: all epochs)")
-    fraction: float = Field(1.0, gt=0, le=1, description="share of the stage's rows used (warm-up: the copy subset)")
+    fraction: float = Field(1.0, gt=0, le=1, description="seeded share of the stage's rows used "
+                                                         "(warm-up: the share of equal/ that becomes the copy subset)")
 
 
 class DeepSpeedSettings(Section):
@@ -30,8 +33,10 @@ class DeepSpeedSettings(Section):
     offload_optimizer: bool = False
     offload_params: bool = Field(False, description="ZeRO-3 only: parameters live in CPU memory")
     precision: Literal["bf16", "fp32"] = "bf16"
-    micro_batch_size: int = Field(1, ge=1, description="rows per micro-batch per worker (packed rows when packing)")
-    grad_accum: int = Field(1, ge=1)
+    micro_batch_size: int = Field(1, ge=1, description="a micro-batch holds micro_batch_size x max_length tokens "
+                                                       "(unless train.micro_batch_tokens is set)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per worker per optimizer step (token-budget steps; "
+                                                 "derived per step when train.global_batch_examples is set)")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     activation_checkpointing: bool = False
     weight_decay: float = Field(0.0, ge=0)
@@ -44,11 +49,18 @@ class TrainConfig(Section):
 
     data: str = Field(description="reformulated output (local or s3://) holding contrastive/ and equal/")
     base_model: str = Field(description="HF model folder (local or s3://), safetensors only")
-    output: str = Field(description="local or s3:// folder; each stage writes <output>/<stage>/{model,logs,_summary.json}")
+    output: str = Field(description="local or s3:// folder; each stage commits <output>/<stage>/{model,logs,_summary.json}")
     checkpoints: str | None = Field(None, description="Ray RunConfig storage_path (default <output>/checkpoints)")
     run_name: str = "metaaligner"
     max_length: int = Field(1024, ge=8, description="tokens per example (prompt + target + EOS)")
-    packing: bool = Field(True, description="pack examples into rows of max_length; else length-grouped padded batches")
+    packing: bool = Field(True, description="padding-free: examples flattened into one (1, T) sequence per micro-batch; "
+                                            "else length-grouped batches padded to the longest")
+    micro_batch_tokens: int | None = Field(None, ge=8, description="token budget of one micro-batch "
+                                                                   "(default deepspeed.micro_batch_size x max_length)")
+    global_batch_examples: int | None = Field(
+        None, ge=1, description="examples per optimizer step over all workers (the last step of an epoch may hold "
+                                "fewer); None: a step is num_workers x grad_accum micro-batches")
+    include_test_files: bool = Field(False, description="read files named test.* / test_*.* and test/ folders too")
     seed: int = 42
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -57,10 +69,19 @@ class TrainConfig(Section):
         default_factory=dict, description="extra Ray resources per worker, e.g. a custom one that pins one worker per node")
     max_failures: int = Field(0, ge=-1, description="FailureConfig.max_failures (-1: retry forever)")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: stage end only)")
+    checkpoint_upload_attempts: int = Field(4, ge=1, description="tries per checkpoint upload (backoff 2, 4, 8 s ...)")
     keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="optimizer steps between logged metrics (the only host syncs)")
     log_sample_ids: bool = Field(False, description="write the ids trained at each step to logs/samples.jsonl")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "sdpa_varlen", "flash_attention_2", "torch_varlen",
+                                 "flex_attention"] = Field(
+        "auto", description="auto: sdpa_varlen for packed CPU runs, else sdpa; sdpa/eager: block-diagonal mask (the "
+                            "reference); sdpa_varlen: SDPA per example over cu_seq_lens (fast CPU path); "
+                            "flash_attention_2, torch_varlen (torch.nn.attention.varlen): GPU varlen kernels with "
+                            "cu_seq_lens; flex_attention: GPU block mask")
+    kernels: Literal["auto", "liger", "torch"] = Field(
+        "auto", description="liger: liger-kernel RMSNorm/RoPE/SwiGLU + fused linear cross-entropy (the [gpu] extra, "
+                            "GPU only); auto: liger when importable on a GPU worker, else torch")
     export_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     peak_tflops: float | None = Field(None, gt=0, description="per-worker peak for MFU (None: GPU table / CPU matmul probe)")
     trust_remote_code: bool = False
@@ -71,13 +92,42 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+        ds = self.deepspeed
+        if ds.offload_params and ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage 3")
-        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+        if ds.offload_optimizer and ds.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
-        if self.attn_implementation == "flash_attention_2" and not self.use_gpu:
-            raise ValueError("flash_attention_2 needs use_gpu")
+        if self.attention in GPU_ATTENTION and not self.use_gpu:
+            raise ValueError(f"attn_implementation {self.attention} runs on GPUs only (use_gpu: true); "
+                             f"CPU runs use {' or '.join(CPU_ATTENTION)}")
+        if self.attention == "sdpa_varlen" and self.use_gpu:
+            raise ValueError("attn_implementation sdpa_varlen is the CPU path (on a GPU it would sync per layer); "
+                             "use torch_varlen or flash_attention_2")
+        if self.attention in ("torch_varlen", "sdpa_varlen") and not self.packing:
+            # padded rows carry no cu_seq_lens: a varlen kernel would attend across rows and into padding
+            raise ValueError(f"attn_implementation {self.attention} needs packing: true (padded batches "
+                             f"would attend across examples); use sdpa, flash_attention_2 or flex_attention with "
+                             f"packing: false")
+        if self.kernels == "liger" and not self.use_gpu:
+            raise ValueError("kernels: liger needs use_gpu: true (liger-kernel is Triton, GPU only); use kernels: torch")
+        if self.token_budget < self.max_length:
+            raise ValueError(f"micro_batch_tokens {self.token_budget} < max_length {self.max_length}: "
+                             f"an example of max_length tokens would fit no micro-batch")
+        if self.global_batch_examples and ds.grad_accum != 1:
+            raise ValueError("deepspeed.grad_accum is derived per step when global_batch_examples is set; leave it at 1")
         return self
+
+    @property
+    def attention(self) -> str:
+        """The attention backend this run uses (`auto` resolved)."""
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        return "sdpa_varlen" if self.packing and not self.use_gpu else "sdpa"
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens per micro-batch (flattened packed sequence, or rows x longest when padded)."""
+        return self.micro_batch_tokens or self.deepspeed.micro_batch_size * self.max_length
 
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:

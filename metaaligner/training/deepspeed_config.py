@@ -6,12 +6,19 @@ from metaaligner.training.config import DeepSpeedSettings, StageConfig
 
 
 def build_deepspeed_config(ds: DeepSpeedSettings, stage: StageConfig, world_size: int, total_steps: int) -> dict:
-    """AdamW + warm-up/cosine schedule, ZeRO `ds.zero_stage`, optional CPU offload, bf16 or fp32."""
+    """AdamW + warm-up/cosine schedule, ZeRO `ds.zero_stage`, optional CPU offload, bf16 or fp32.
+
+    The trainer owns the accumulation boundary (`managed_gradient_accumulation: false`): a step may hold a
+    different number of micro-batches (example-count steps), each `backward` only accumulates, and `step()`
+    reduces and updates once. A micro-batch is one flattened token budget, so DeepSpeed's batch sizes count
+    micro-batches and are bookkeeping only.
+    """
     warmup_steps = int(round(stage.warmup_ratio * total_steps))
     config: dict = {
-        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": ds.grad_accum,
-        "train_batch_size": ds.micro_batch_size * ds.grad_accum * world_size,
+        "train_batch_size": ds.grad_accum * world_size,
+        "managed_gradient_accumulation": False,
         "gradient_clipping": ds.grad_clip,
         "steps_per_print": 10**9,  # our own metrics; keep DeepSpeed quiet
         "wall_clock_breakdown": False,

@@ -1,45 +1,39 @@
-"""The per-worker training function run by Ray Train: DeepSpeed engine, planned steps, checkpoints, export."""
+"""The per-worker training function run by Ray Train: engine, planned steps, checkpoints, export.
+
+Host syncs: the step loop itself never calls .item()/.cpu() or waits on the device; losses accumulate on
+the device and are reduced, synchronised and logged only at logging steps (step 1, every `log_every`, the
+last). Micro-batches are collated in a background thread (pinned memory on GPU) and copied asynchronously.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import queue
+import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from metaaligner.training.packing import IGNORE, collate
+from metaaligner.training.attention import VARLEN_BACKENDS, prepare_backend
+from metaaligner.training.collate import collate_packed, collate_padded
+from metaaligner.training.tokens import TokenStore
 
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token loss (0 where the label is ignored), shape labels[:, 1:]."""
-    shift_labels = labels[:, 1:]
-    flat = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), shift_labels.flatten(),
-                           ignore_index=IGNORE, reduction="none")
-    return flat.view_as(shift_labels)
+PREFETCH = 4  # micro-batches collated ahead
 
 
-def _load_rows(shard, needed: set[int]) -> dict[int, tuple[list[int], int]]:
-    """This rank's examples from the (unsplit) dataset shard: key -> (input_ids, prompt_len)."""
-    rows = {}
-    for batch in shard.iter_batches(batch_format="numpy", batch_size=4096):
-        for key, ids, plen in zip(batch["key"].tolist(), batch["input_ids"], batch["prompt_len"].tolist()):
-            if key in needed:
-                rows[key] = (ids.tolist(), plen)
-    missing = needed - rows.keys()
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned examples are missing from the dataset shard")
-    return rows
-
-
-def _build_engine(cfg: dict, model_dir: Path):
+def _build_engine(cfg: dict, model_dir: Path, kernels: str):
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+
+    from metaaligner.training.kernels import apply_liger
+    from metaaligner.training.objective import TargetTokenLoss
 
     ds_config = cfg["ds_config"]
     deepspeed.init_distributed(dist_backend="nccl" if cfg["use_gpu"] else "gloo")  # adopts Ray's process group
@@ -53,55 +47,165 @@ def _build_engine(cfg: dict, model_dir: Path):
     model.config.use_cache = False  # a KV cache would disable the packed (block-diagonal) mask
     if cfg["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused = apply_liger(model, ds_config["zero_optimization"]["stage"]) if kernels == "liger" else None
+    wrapped = TargetTokenLoss(model, fused)
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
-    return engine, hf_ds
+        model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config)
+    return engine, hf_ds, fused is not None
+
+
+def _fill_store(shard, keys: np.ndarray, index_keys: np.ndarray, index_lengths: np.ndarray) -> TokenStore:
+    """This worker's examples (its Ray Data stream is already filtered to them) into one int32 buffer."""
+    order = np.argsort(index_keys)
+    store = TokenStore(keys, index_lengths[order[np.searchsorted(index_keys, keys, sorter=order)]])
+    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=4096):
+        store.add(batch)
+    store.check_complete()
+    return store
+
+
+class _Prefetch:
+    """Collates the rank's micro-batches, in plan order, in a background thread."""
+
+    def __init__(self, plan, rank: int, start: int, store: TokenStore, pad_id: int, packing: bool, pin: bool):
+        self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        self.stop = threading.Event()
+        collate = collate_packed if packing else collate_padded
+
+        def produce():
+            try:
+                for step in range(start, len(plan)):
+                    for keys in plan.rank_micros(step, rank):
+                        batch = collate(store, keys, pad_id)
+                        self._put(batch.pin() if pin else batch)
+            except BaseException as e:  # noqa: BLE001 — re-raised in the training thread
+                self._put(e)
+
+        self.thread = threading.Thread(target=produce, name="collate", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def next(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"collating a micro-batch failed: {item}") from item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def _restore_logs(checkpoint_dir: str, log_dir: Path) -> None:
+    saved = Path(checkpoint_dir, "logs")
+    if saved.is_dir():
+        shutil.copytree(saved, log_dir, dirs_exist_ok=True)
+
+
+def _registered(storage_ctx, name: str, timeout_s: float = 60) -> None:
+    """Wait until Ray Train's controller recorded checkpoint `name` (its snapshot file names it)."""
+    fs, path = storage_ctx.storage_filesystem, storage_ctx.checkpoint_manager_snapshot_path
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with fs.open_input_stream(path) as f:
+                if name in f.read().decode():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def _fault_hook(faults: list[dict], step_done: int, rank: int, world: int, when: str, storage_ctx, name: str) -> None:
+    """Test hooks at a checkpoint (each fault = {"after_step", "marker", "action"}):
+    raise: once the checkpoint is registered, the last rank fails once; hold: rank 0 marks then stalls after it (the
+    test kills the job); before_upload: rank 0 marks, then waits for `<marker>.go` before uploading."""
+    for fault in faults:
+        if step_done == fault["after_step"]:
+            _inject(fault, step_done, rank, world, when, storage_ctx, name)
+
+
+def _inject(fault: dict, step_done: int, rank: int, world: int, when: str, storage_ctx, name: str) -> None:
+    action = fault["action"]
+    if when == "after" and action == "raise" and rank == world - 1:
+        try:
+            os.close(os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        _registered(storage_ctx, name)
+        raise RuntimeError(f"injected failure after checkpoint at step {step_done}")
+    if when == "after" and action == "hold" and rank == 0:
+        Path(fault["marker"]).write_text(str(step_done))
+        time.sleep(300)
+    if when == "before_upload" and action == "before_upload" and rank == 0 and not Path(fault["marker"]).exists():
+        Path(fault["marker"]).write_text(str(step_done))
+        deadline = time.monotonic() + 120
+        while not Path(fault["marker"] + ".go").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def train_func(cfg: dict) -> None:
-    """One Ray Train worker: build the engine, resume, run the planned steps, checkpoint, export.
-
-    cfg["fail_once"] = {"after_step": n, "marker": path} is a test hook: the last rank raises once
-    right after the checkpoint of step n (the marker file records that it happened).
-    """
+    """One Ray Train worker: build the engine, resume, run the planned steps, checkpoint, export."""
     import ray
     import ray.train as rt
     import torch.distributed as dist
 
     from metaaligner import storage as st
     from metaaligner.config import StorageConfig
-    from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder
     from metaaligner.modeling import local_model_dir
+    from metaaligner.training.checkpoints import upload_checkpoint, verify_checkpoint
+    from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder
+    from metaaligner.training.kernels import select_kernels
     from metaaligner.training.metrics import StepLogger, peak_flops_per_worker
 
     ctx = rt.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg["use_gpu"] else torch.device("cpu")
-    if cfg["use_gpu"]:
+    use_gpu = cfg["use_gpu"]
+    device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
+    if use_gpu:
         torch.cuda.set_device(device)
     storage = StorageConfig(**cfg["storage"])
+    prepare_backend(cfg["attn_implementation"], use_gpu)
+    kernels = select_kernels(cfg["kernels"], use_gpu)
     model_dir = local_model_dir(cfg["model_uri"], storage)
-    engine, _hf_ds = _build_engine(cfg, model_dir)
+    engine, _hf_ds, fused = _build_engine(cfg, model_dir, kernels)
+    stage = cfg["stage"]
+    if rank == 0:
+        fallback = " (liger's fused loss is off under ZeRO-3: lm_head is partitioned)" if kernels == "liger" else ""
+        loss_path = "liger fused linear cross-entropy" if fused else f"lm_head at targets + cross-entropy{fallback}"
+        print(f"[{stage}] attention {cfg['attn_implementation']}, kernels {kernels}, loss: {loss_path}", flush=True)
 
-    plan, gas, stage = cfg["plan"], cfg["grad_accum"], cfg["stage"]
+    shared = ray.get(cfg["plan_ref"])
+    plan, stats = shared["plan"], shared["stats"]
+    n_steps = len(plan)
     start, digest = 0, ""
+    log_dir = Path(tempfile.mkdtemp(prefix=f"metaaligner-logs-{stage}-"))
     nodes = [None] * world  # where each rank runs, reported with every checkpoint
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     checkpoint = rt.get_checkpoint()
     if checkpoint:
+        verify_checkpoint(checkpoint.filesystem, checkpoint.path, world)
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d)
+            if rank == 0:
+                _restore_logs(d, log_dir)
         if client.get("plan_digest") != cfg["plan_digest"]:
             raise RuntimeError(f"checkpoint of run {ctx.get_experiment_name()!r} was made for other data or settings; "
                                "use a new run_name (or checkpoints path) for a changed run")
         start, digest = client["step"], client["digests"][rank]
         if rank == 0:
-            print(f"[{stage}] resumed from step {start}/{len(plan)}", flush=True)
-    needed = {k for step in plan[start:] for mb in step[rank::world] for row in mb for k in row}
-    rows = _load_rows(rt.get_dataset_shard("train"), needed)
-    logger = StepLogger(cfg["log_dir"], start, cfg["log_sample_ids"]) if rank == 0 else None
-    peak = peak_flops_per_worker(cfg["use_gpu"], cfg["peak_tflops"])
-    fail = cfg.get("fail_once")
+            print(f"[{stage}] resumed from step {start}/{n_steps}", flush=True)
+    store = _fill_store(rt.get_dataset_shard(f"rank{rank}"), plan.rank_keys(rank, start), shared["keys"],
+                        shared["lengths"])
+    logger = StepLogger(str(log_dir), start, cfg["log_sample_ids"]) if rank == 0 else None
+    peak = peak_flops_per_worker(use_gpu, cfg["peak_tflops"])
+    faults = cfg.get("faults") or []
 
     def save(step_done: int, metrics: dict) -> None:
         digests = [None] * world
@@ -111,68 +215,86 @@ def train_func(cfg: dict) -> None:
                                                                           "plan_digest": cfg["plan_digest"]})
             if rank == 0:
                 Path(tmp, "data_position.json").write_text(json.dumps(
-                    {"stage": stage, "step": step_done, "total_steps": len(plan), "digests": digests}))
-            rt.report({**metrics, "step": step_done, "data_digest": "|".join(digests), "worker_nodes": nodes},
-                      checkpoint=rt.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"{stage}-step{step_done:06d}")
-        if fail and step_done == fail["after_step"] and rank == world - 1:
-            try:
-                os.close(os.open(fail["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return
-            raise RuntimeError(f"injected failure after checkpoint at step {step_done}")
+                    {"stage": stage, "step": step_done, "total_steps": n_steps, "digests": digests}))
+                logger.flush()
+                shutil.copytree(log_dir, Path(tmp, "logs"))
+            storage_ctx, name = ctx.get_storage(), f"{stage}-step{step_done:06d}"
+            _fault_hook(faults, step_done, rank, world, "before_upload", storage_ctx, name)
 
+            def upload(ckpt, dir_name: str):
+                dest = storage_ctx.build_checkpoint_path_from_name(dir_name)
+                upload_checkpoint(ckpt.path, storage_ctx.storage_filesystem, dest, rank,
+                                  cfg["checkpoint_upload_attempts"])
+                return rt.Checkpoint(path=dest, filesystem=storage_ctx.storage_filesystem)
+
+            rt.report({**metrics, "step": step_done, "resumed_from": start, "data_digest": "|".join(digests),
+                       "worker_nodes": nodes},
+                      checkpoint=rt.Checkpoint.from_directory(tmp), checkpoint_dir_name=name, checkpoint_upload_fn=upload)
+        _fault_hook(faults, step_done, rank, world, "after", storage_ctx, name)
+
+    varlen = cfg["attn_implementation"] in VARLEN_BACKENDS
+    prefetch = _Prefetch(plan, rank, start, store, cfg["pad_id"], cfg["packing"], pin=use_gpu)
     engine.train()
     metrics: dict = {}
-    for step in range(start, len(plan)):
-        t0 = time.perf_counter()
-        lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        scale = world * gas / max(cfg["n_target"][step], 1)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        mine = []
-        for slot in range(gas):
-            micro = plan[step][slot * world + rank]
-            mine += [k for row in micro for k in row]
-            batch = {k: v.to(device) for k, v in collate([[rows[k] for k in row] for row in micro], cfg["pad_id"]).items()}
-            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            loss = token_losses(logits, batch["labels"]).sum()
-            engine.backward(loss * scale)
-            engine.step()
-            loss_sum += loss.detach().double().cpu()
-        digest = hashlib.sha256(f"{digest}:{step}:{mine}".encode()).hexdigest()[:16]
-        loss_all = loss_sum.to(device)
-        dist.all_reduce(loss_all)
-        dt = time.perf_counter() - t0
-        metrics = {
-            "step": step + 1, "loss": loss_all.item() / max(cfg["n_target"][step], 1), "lr": lr,
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": cfg["tokens"][step] / dt,
-            "mfu": cfg["flops"][step] / (dt * peak * world), "step_time_s": dt,
-        }
-        if cfg["log_sample_ids"]:
-            everyone = [None] * world
-            dist.all_gather_object(everyone, mine)
-            if rank == 0:
-                logger.samples(step + 1, sorted(k for keys in everyone for k in keys))
-        if rank == 0 and ((step + 1) % cfg["log_every"] == 0 or step + 1 == len(plan)):
-            logger.log(metrics)
-            print(f"[{stage}] step {step + 1}/{len(plan)} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                  f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:.0f} tok/s mfu {metrics['mfu']:.1%}",
-                  flush=True)
-        every = cfg["checkpoint_every"]
-        if step + 1 < len(plan) and every and (step + 1) % every == 0:
-            save(step + 1, metrics)
-    if start < len(plan) or checkpoint is None:
-        save(len(plan), metrics)
+    window_start, window_t0 = start, time.perf_counter()
+    try:
+        for step in range(start, n_steps):
+            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies (a host float)
+            scale = world / max(int(stats.targets[step]), 1)  # DeepSpeed averages gradients over the workers
+            step_loss = torch.zeros((), dtype=torch.float32, device=device)
+            micros = plan.rank_micros(step, rank)
+            for _ in micros:
+                batch = prefetch.next().to(device)
+                loss = engine(target_index=batch.target_index, target_labels=batch.target_labels,
+                              **batch.model_inputs(varlen))
+                engine.backward(loss * scale, scale_wrt_gas=False)
+                step_loss += loss.detach()
+            engine.step()  # the accumulation boundary: reduce, clip, update, schedule
+            mine = np.concatenate(micros) if micros else np.zeros(0, np.int64)
+            digest = hashlib.sha256(f"{digest}:{step}:".encode() + mine.astype(np.int64).tobytes()).hexdigest()[:16]
+            if cfg["log_sample_ids"]:
+                everyone = [None] * world
+                dist.all_gather_object(everyone, mine.tolist())
+                if rank == 0:
+                    logger.samples(step + 1, sorted(k for keys in everyone for k in keys))
+            if step == 0 or (step + 1) % cfg["log_every"] == 0 or step + 1 == n_steps:
+                dist.all_reduce(step_loss)  # the only device syncs: at logging steps
+                if use_gpu:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - window_t0
+                window = slice(window_start, step + 1)
+                metrics = {
+                    "step": step + 1, "loss": step_loss.item() / max(int(stats.targets[step]), 1), "lr": lr,
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "examples": int(stats.examples[step]),
+                    "tokens_per_s": float(stats.tokens[window].sum()) / dt,
+                    "mfu": float(stats.flops[window].sum()) / (dt * peak * world),
+                    "mfu_anchor": float(stats.flops_anchor[window].sum()) / (dt * peak * world),
+                    "step_time_s": dt / (step + 1 - window_start),
+                }
+                if rank == 0:
+                    logger.log(metrics)
+                    print(f"[{stage}] step {step + 1}/{n_steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                          f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:.0f} tok/s "
+                          f"mfu {metrics['mfu']:.1%} (6N_total: {metrics['mfu_anchor']:.1%})", flush=True)
+                window_start, window_t0 = step + 1, time.perf_counter()
+            every = cfg["checkpoint_every"]
+            if step + 1 < n_steps and every and (step + 1) % every == 0:
+                save(step + 1, metrics)
+                window_start, window_t0 = step + 1, time.perf_counter()  # checkpoint time is not step time
+    finally:
+        prefetch.close()
+    if start < n_steps or checkpoint is None:
+        save(n_steps, metrics)
 
     dtype = DTYPES[cfg["export_dtype"]]
-    state = gather_state_dict(engine.module, dtype, rank)
+    state = gather_state_dict(engine.module.model, dtype, rank)
     if rank == 0:
         logger.close()
         with tempfile.TemporaryDirectory() as tmp:
             local = cfg["export_uri"] if not st.is_s3(cfg["export_uri"]) else tmp
-            save_hf_folder(local, state, engine.module.config, model_dir, dtype)
+            save_hf_folder(local, state, engine.module.model.config, model_dir, dtype)
             if st.is_s3(cfg["export_uri"]):
                 st.copy_dir(tmp, cfg["export_uri"], storage)
-        if cfg["log_uri"]:
-            st.copy_dir(cfg["log_dir"], cfg["log_uri"], storage)
+        st.copy_dir(str(log_dir), cfg["logs_uri"], storage)
         print(f"[{stage}] exported {cfg['export_uri']}", flush=True)
     dist.barrier()

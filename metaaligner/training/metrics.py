@@ -4,16 +4,59 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# Dense bf16 peak per GPU (TFLOP/s, no sparsity), matched on the device name.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+import numpy as np
+
+# Dense bf16 peak per GPU (TFLOP/s, no sparsity), matched in this order on the device name.
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
+                   "L4": 121.0}
+
+CONVENTION = ("6*N + 6*L*h*len per non-pad token (N: matmul params incl. lm_head, excl. input embeddings; causal "
+              "attention; len: the example's own length), minus 6*V*h for positions where no loss is computed")
+ANCHOR_CONVENTION = "6*N_total per non-pad token (all parameters, no attention term)"
 
 
-def model_flops(n_params: int, n_layers: int, hidden: int, example_lengths) -> float:
-    """Training FLOPs (forward + backward) for the given examples: 6·N per token + attention 12·L·d·s²."""
-    tokens = sum(example_lengths)
-    return 6.0 * n_params * tokens + 12.0 * n_layers * hidden * sum(s * s for s in example_lengths)
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP conventions need: parameter counts, layers, hidden size, lm_head size."""
+
+    n_matmul: int  # matmul weights (2-D) incl. lm_head, excl. input embeddings; norms and biases are not matmuls
+    n_total: int  # every parameter
+    layers: int
+    hidden: int
+    lm_head: int  # vocab x hidden
+
+    @classmethod
+    def from_config(cls, model_dir) -> "ModelShape":
+        """Counted on the meta device from config.json alone (nothing allocated)."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        conf = AutoConfig.from_pretrained(str(model_dir))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf)
+        total = sum(p.numel() for p in model.parameters())
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+        tied = head is embed
+        return cls(n_matmul=matrices - (0 if tied else embed.numel()), n_total=total, layers=conf.num_hidden_layers,
+                   hidden=conf.hidden_size, lm_head=head.numel())
+
+
+def training_flops(shape: ModelShape, lengths, n_targets):
+    """Forward + backward FLOPs per example (numpy arrays in, out), our convention (CONVENTION): the lm_head runs
+    only at the positions that predict a target token (the target-only / fused loss)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    skipped = lengths - np.asarray(n_targets, dtype=np.float64)
+    return 6.0 * shape.n_matmul * lengths + 6.0 * shape.layers * shape.hidden * lengths**2 - 6.0 * shape.lm_head * skipped
+
+
+def anchor_flops(shape: ModelShape, lengths):
+    """ANCHOR_CONVENTION: 6 * N_total per non-pad token (how the ENVIRONMENT.md anchors were counted)."""
+    return 6.0 * shape.n_total * np.asarray(lengths, dtype=np.float64)
 
 
 def peak_flops_per_worker(use_gpu: bool, configured_tflops: float | None) -> float:
@@ -23,11 +66,7 @@ def peak_flops_per_worker(use_gpu: bool, configured_tflops: float | None) -> flo
     if configured_tflops:
         return configured_tflops * 1e12
     if use_gpu and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-        raise ValueError(f"unknown GPU {name!r}: set train.peak_tflops for MFU")
+        return gpu_peak_tflops(torch.cuda.get_device_name()) * 1e12
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -35,6 +74,14 @@ def peak_flops_per_worker(use_gpu: bool, configured_tflops: float | None) -> flo
     for _ in range(20):
         a @ b
     return 20 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def gpu_peak_tflops(device_name: str) -> float:
+    """Dense bf16 peak of a GPU from its name (H100 SXM 989, H100 PCIe 756, ...)."""
+    for key, tflops in GPU_PEAK_TFLOPS.items():
+        if key in device_name:
+            return tflops
+    raise ValueError(f"unknown GPU {device_name!r}: set train.peak_tflops for MFU")
 
 
 class StepLogger:
@@ -63,6 +110,9 @@ class StepLogger:
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def flush(self) -> None:
+        self.tb.flush()
 
     def samples(self, step: int, keys: list[str]) -> None:
         if self.log_samples:

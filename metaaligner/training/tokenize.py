@@ -8,7 +8,8 @@ Policy (max_length counts prompt + target + EOS):
 3. if it still does not fit with the weak answer removed entirely, the row is dropped and counted
    as `prompt_too_long`;
 4. a row with an empty/null prompt or target is dropped and counted as `empty_field`.
-Rows are identified by a 63-bit key hashed from their `id`, so the sample order is independent of
+Rows outside the stage's seeded `fraction` are counted as `not_sampled` (so `rows_read` is every row of the
+files the stage read). Rows are identified by a 63-bit key hashed from their `id`, so the sample order is independent of
 the order in which files are read.
 """
 
@@ -20,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 
 REQUIRED_COLUMNS = ("id", "subset", "prompt", "weak_answer", "target")
-STATUSES = ("ok", "truncated", "target_too_long", "prompt_too_long", "empty_field")
-DROPPED = STATUSES[2:]
+STATUSES = ("ok", "truncated", "target_too_long", "prompt_too_long", "empty_field", "not_sampled")
+DROPPED = ("target_too_long", "prompt_too_long", "empty_field")
+KEPT = ("ok", "truncated")
 
 
 def row_key(row_id: str) -> int:
@@ -58,7 +60,8 @@ def tokenize_example(tokenizer, prompt: str, weak_answer: str, target: str, max_
 
 
 def tokenize_batch(batch: pa.Table, tokenizer, max_length: int, fraction: float, copy_target: bool, seed: int) -> pa.Table:
-    """Ray Data map_batches UDF on a `fraction` of rows; copy_target: warm-up rows (target := weak answer)."""
+    """Ray Data map_batches UDF: tokenises the seeded `fraction` of rows (the others are counted as not_sampled);
+    copy_target: warm-up rows (target := weak answer)."""
     ids = batch.column("id").to_pylist()
     prompts = batch.column("prompt").to_pylist()
     weak = batch.column("weak_answer").to_pylist()
@@ -66,8 +69,8 @@ def tokenize_batch(batch: pa.Table, tokenizer, max_length: int, fraction: float,
     out = {"key": [], "id": [], "input_ids": [], "prompt_len": [], "length": [], "n_target": [], "status": []}
     for rid, p, w, t in zip(ids, prompts, weak, targets):
         if not in_fraction(rid, fraction, seed):
-            continue
-        if not p or not t:
+            tokens, plen, status = None, 0, "not_sampled"
+        elif not p or not t:
             tokens, plen, status = None, 0, "empty_field"
         else:
             tokens, plen, status = tokenize_example(tokenizer, p, w or "", t, max_length)
@@ -108,7 +111,7 @@ def collect_index(ds) -> dict:
             cols[k].append(batch[k])
     arrays = {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
     counts = {s: int((arrays["status"] == s).sum()) for s in STATUSES}
-    keep = ~np.isin(arrays["status"], list(DROPPED))
+    keep = np.isin(arrays["status"], list(KEPT))
     kept_keys = arrays["key"][keep].astype(np.int64)
     if len(np.unique(kept_keys)) != len(kept_keys):
         dup = [i for i, c in zip(*np.unique(arrays["id"][keep], return_counts=True)) if c > 1][:5]

@@ -1,4 +1,4 @@
-"""Driver side: checks inputs, tokenises and plans each stage, runs a TorchTrainer per stage, writes summaries."""
+"""Driver side: checks inputs, tokenises and plans each stage, runs a TorchTrainer per stage, commits its outputs."""
 
 from __future__ import annotations
 
@@ -6,20 +6,23 @@ import hashlib
 import json
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from metaaligner import storage as st
 from metaaligner.config import StorageConfig
-from metaaligner.modeling import load_tokenizer
+from metaaligner.data.readers import discover
+from metaaligner.modeling import list_model_files, load_tokenizer, local_model_dir
+from metaaligner.outputs import StagedOutput, read_manifest
 from metaaligner.training.config import STAGES, TrainConfig
 from metaaligner.training.deepspeed_config import build_deepspeed_config
-from metaaligner.modeling import cache_root, list_model_files, local_model_dir
-from metaaligner.training.metrics import model_flops
-from metaaligner.training.packing import plan_stage
+from metaaligner.training.digest import stage_digest
+from metaaligner.training.metrics import ANCHOR_CONVENTION, CONVENTION, ModelShape
+from metaaligner.training.packing import plan_stage, step_stats
 from metaaligner.training.tokenize import DROPPED, REQUIRED_COLUMNS, collect_index, tokenize_dataset
+from metaaligner.training.tokens import select_keys
 
-SUBSETS = {"warmup": ("contrastive", "equal"), "equal": ("equal",), "contrastive": ("contrastive",)}
+# The paper (§3.2.2): the warm-up subset is a random sample of the equal subset, with identical targets.
+SUBSETS = {"warmup": ("equal",), "equal": ("equal",), "contrastive": ("contrastive",)}
 
 
 def stage_dir(cfg: TrainConfig, stage: str) -> str:
@@ -32,12 +35,13 @@ def stage_input(cfg: TrainConfig, stage: str) -> str:
     return st.join(stage_dir(cfg, earlier[-1]), "model") if earlier else cfg.base_model
 
 
-def _data_files(cfg: TrainConfig, storage: StorageConfig, stage: str) -> list[str]:
+def data_files(cfg: TrainConfig, storage: StorageConfig, stage: str) -> list[str]:
+    """The Parquet files of the stage's subsets (only committed files of a reformulation output; test splits are
+    left out unless include_test_files)."""
     files = []
     for subset in SUBSETS[stage]:
-        found = st.list_files(st.join(cfg.data, subset), storage, (".parquet",))
-        if not found:
-            raise FileNotFoundError(f"no Parquet files under {st.join(cfg.data, subset)}")
+        _, found = discover(st.join(cfg.data, subset), storage, ("parquet",),
+                            skip_test_files=not cfg.include_test_files)
         files += found
     return files
 
@@ -51,7 +55,7 @@ def preflight(cfg: TrainConfig, storage: StorageConfig, stages: list[str]) -> No
             st.filesystem(uri, storage)[0].create_dir(st.filesystem(uri, storage)[1], recursive=True)
     fs, _ = st.filesystem(cfg.data, storage)
     for stage in stages:
-        files = _data_files(cfg, storage, stage)
+        files = data_files(cfg, storage, stage)
         for path in {files[0], files[-1]}:
             missing = set(REQUIRED_COLUMNS) - set(pq.read_schema(path, filesystem=fs).names)
             if missing:
@@ -65,30 +69,11 @@ def preflight(cfg: TrainConfig, storage: StorageConfig, stages: list[str]) -> No
         raise FileNotFoundError(f"stage {stages[0]!r} starts from {first}, which does not exist yet: "
                                 f"run the earlier stage first") from None
     load_tokenizer(local_model_dir(first, storage, weights=False), cfg.trust_remote_code)
+    if cfg.kernels == "liger":
+        from metaaligner.training.kernels import INSTALL_HINT, liger_importable
 
-
-def _count_params(model_dir) -> tuple[int, int, int]:
-    """(matmul params, layers, hidden) from the config alone (meta device, nothing allocated)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    conf = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf)
-    total = sum(p.numel() for p in model.parameters())
-    tied = getattr(conf, "tie_word_embeddings", False)
-    return total - (0 if tied else model.get_input_embeddings().weight.numel()), conf.num_hidden_layers, conf.hidden_size
-
-
-def _plan_stats(plan, lengths: dict[int, int], n_target: dict[int, int], params, layers, hidden):
-    tokens, targets, flops, padded = [], [], [], 0
-    for step in plan:
-        lens = [lengths[k] for micro in step for row in micro for k in row]
-        tokens.append(int(sum(lens)))
-        targets.append(int(sum(n_target[k] for micro in step for row in micro for k in row)))
-        flops.append(model_flops(params, layers, hidden, lens))
-        padded += sum(len(micro) * max(sum(lengths[k] for k in row) for row in micro) for micro in step if micro)
-    return tokens, targets, flops, padded
+        if not liger_importable():
+            raise RuntimeError(f"kernels: liger requested but liger-kernel is not installed; {INSTALL_HINT}")
 
 
 def _ray_storage(uri: str, storage: StorageConfig):
@@ -96,11 +81,12 @@ def _ray_storage(uri: str, storage: StorageConfig):
     return (path, fs) if st.is_s3(uri) else (path, None)
 
 
-def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, fail_once: dict | None = None) -> dict:
-    """Tokenise, plan and train one stage; returns (and writes) its `_summary.json`.
+def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict | None = None,
+              faults: list[dict] | None = None) -> dict:
+    """Tokenise, plan and train one stage, then commit `<output>/<stage>/` (model/, logs/, `_summary.json`).
 
-    Re-running with the same run_name and checkpoints path resumes from the stage's latest checkpoint.
-    `fail_once` is a test hook passed to the workers (see loop.train_func).
+    Re-running with the same settings, data and input model resumes from the stage's latest checkpoint
+    (checkpoints are kept per stage digest). `faults` are test hooks passed to the workers (loop._fault_hook).
     """
     import ray
     import ray.train as rt
@@ -111,41 +97,45 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, fail_once: d
     started = time.time()
     scfg, ds = cfg.stage(stage), cfg.deepspeed
     model_uri = stage_input(cfg, stage)
+    files = data_files(cfg, storage, stage)
+    digest = digest or stage_digest(cfg, stage, files, model_uri, storage)
     meta_dir = local_model_dir(model_uri, storage, weights=False)
     tokenizer = load_tokenizer(meta_dir, cfg.trust_remote_code)
     fs, _ = st.filesystem(cfg.data, storage)
-    data = tokenize_dataset(_data_files(cfg, storage, stage), fs, tokenizer, cfg.max_length, scfg.fraction,
-                            stage == "warmup", cfg.seed)
+    data = tokenize_dataset(files, fs, tokenizer, cfg.max_length, scfg.fraction, stage == "warmup", cfg.seed)
     index = collect_index(data)
     if len(index["keys"]) == 0:
         raise ValueError(f"stage {stage!r}: no training examples left after filtering "
                          f"({index['rows']} rows read, {json.dumps(index['counts'])}); check max_length and the data")
     world = cfg.num_workers
     plan = plan_stage(index["keys"], index["lengths"], epochs=scfg.epochs, max_steps=scfg.max_steps,
-                      packing=cfg.packing, max_length=cfg.max_length, micro_batch_size=ds.micro_batch_size,
-                      slots_per_step=world * ds.grad_accum, seed=cfg.seed)
-    lengths = dict(zip(index["keys"].tolist(), index["lengths"].tolist()))
-    n_target = dict(zip(index["keys"].tolist(), index["n_target"].tolist()))
-    tokens, targets, flops, padded = _plan_stats(plan, lengths, n_target, *_count_params(meta_dir))
+                      packing=cfg.packing, budget=cfg.token_budget, world=world, grad_accum=ds.grad_accum,
+                      global_batch_examples=cfg.global_batch_examples, seed=cfg.seed)
+    shape = ModelShape.from_config(meta_dir)
+    stats = step_stats(plan, index["keys"], index["lengths"], index["n_target"], shape, cfg.packing)
+    ds_config = build_deepspeed_config(ds, scfg, world, len(plan))
+    plan_digest = hashlib.sha256(plan.digest_payload() + json.dumps(
+        [ds_config, model_uri, ds.precision], sort_keys=True).encode()).hexdigest()[:16]
+    # The plan travels through the object store, not inside the loop config (it grows with the data).
+    plan_ref = ray.put({"plan": plan, "stats": stats, "keys": index["keys"], "lengths": index["lengths"]})
 
-    out = stage_dir(cfg, stage)
-    log_uri = st.join(out, "logs")
-    local_logs = log_uri if not st.is_s3(out) else str(cache_root() / "logs" / cfg.run_name / stage)
+    out = StagedOutput(stage_dir(cfg, stage), job=f"train-{stage}", storage=storage)
     storage_path, storage_fs = _ray_storage(cfg.checkpoint_root, storage)
     loop_config = {
-        "stage": stage, "model_uri": model_uri, "storage": storage.model_dump(), "plan": plan,
-        "n_target": targets, "tokens": tokens, "flops": flops, "grad_accum": ds.grad_accum,
-        "ds_config": build_deepspeed_config(ds, scfg, world, len(plan)), "precision": ds.precision,
-        "activation_checkpointing": ds.activation_checkpointing, "attn_implementation": cfg.attn_implementation,
-        "trust_remote_code": cfg.trust_remote_code, "pad_id": tokenizer.pad_token_id, "use_gpu": cfg.use_gpu,
-        "peak_tflops": cfg.peak_tflops, "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every,
-        "log_sample_ids": cfg.log_sample_ids, "log_dir": local_logs, "log_uri": None if local_logs == log_uri else log_uri,
-        "export_uri": st.join(out, "model"), "export_dtype": cfg.export_dtype, "fail_once": fail_once,
+        "stage": stage, "model_uri": model_uri, "storage": storage.model_dump(), "plan_ref": plan_ref,
+        "plan_digest": plan_digest, "ds_config": ds_config, "precision": ds.precision, "packing": cfg.packing,
+        "activation_checkpointing": ds.activation_checkpointing, "attn_implementation": cfg.attention,
+        "kernels": cfg.kernels, "trust_remote_code": cfg.trust_remote_code, "pad_id": tokenizer.pad_token_id,
+        "use_gpu": cfg.use_gpu, "peak_tflops": cfg.peak_tflops, "checkpoint_every": cfg.checkpoint_every,
+        "checkpoint_upload_attempts": cfg.checkpoint_upload_attempts, "log_every": cfg.log_every,
+        "log_sample_ids": cfg.log_sample_ids, "export_uri": out.path("model"), "logs_uri": out.path("logs"),
+        "export_dtype": cfg.export_dtype, "faults": faults,
     }
-    loop_config["plan_digest"] = hashlib.sha256(json.dumps(
-        [plan, {k: v for k, v in loop_config.items() if k in ("ds_config", "model_uri", "precision")}],
-        sort_keys=True).encode()).hexdigest()[:16]
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    # Each worker's stream holds only the examples it trains: a light filter in Ray Data tasks next to the data,
+    # reserving no CPU so that it also runs when the training workers hold every CPU of the cluster.
+    shards = {f"rank{r}": data.map_batches(select_keys, batch_format="pyarrow", batch_size=4096, num_cpus=0,
+                                            fn_kwargs={"keys": plan.rank_keys(r)}) for r in range(world)}
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -153,42 +143,60 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, fail_once: d
                                         resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                               **cfg.resources_per_worker}),
         run_config=rt.RunConfig(
-            name=f"{cfg.run_name}-{stage}", storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=rt.FailureConfig(max_failures=cfg.max_failures),
+            name=f"{cfg.run_name}-{stage}-{digest['stage'][:8]}", storage_path=storage_path,
+            storage_filesystem=storage_fs, failure_config=rt.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=rt.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
         ),
-        # The materialised dataset itself (no further tasks, so no CPUs needed beside the workers); each
-        # worker keeps only its planned keys, so dropped rows are never read into a batch.
-        datasets={"train": data}, dataset_config=rt.DataConfig(datasets_to_split=[]),
+        datasets=shards, dataset_config=rt.DataConfig(datasets_to_split=[]),
     )
     print(f"[{stage}] {len(index['keys'])} examples, {len(plan)} steps, {world} workers, model {model_uri}", flush=True)
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"stage {stage!r} failed: {result.error}")
-    records = [json.loads(ln) for ln in st.read_text(st.join(log_uri, "metrics.jsonl"), storage).splitlines() if ln]
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise RuntimeError(f"stage {stage!r} failed: {result.error}")
+        records = [json.loads(ln) for ln in st.read_text(out.path("logs", "metrics.jsonl"), storage).splitlines() if ln]
+    except Exception as e:
+        raise out.fail(e) from e
     steady = records[1:] or records
+    seconds = sum(r["step_time_s"] for r in steady) or 1.0
     summary = {
-        "stage": stage, "model_input": model_uri, "export": st.join(out, "model"), "data": cfg.data,
-        "rows_read": index["rows"], "examples": len(index["keys"]), "status_counts": index["counts"],
-        "dropped": sum(index["counts"][k] for k in DROPPED),
+        "stage": stage, "model_input": model_uri, "export": st.join(out.uri, "model"), "data": cfg.data,
+        "data_files": len(files), "rows_read": index["rows"], "examples": len(index["keys"]),
+        "status_counts": index["counts"], "dropped": sum(index["counts"][k] for k in DROPPED),
         "truncated": index["counts"]["truncated"], "epochs": scfg.epochs, "steps": len(plan),
-        "workers": world, "packing": cfg.packing, "non_pad_tokens": int(sum(tokens)), "target_tokens": int(sum(targets)),
-        "padding_fraction": 1 - sum(tokens) / max(padded, 1),
+        "examples_per_step": {"min": int(stats.examples.min()), "max": int(stats.examples.max())},
+        "global_batch_examples": cfg.global_batch_examples, "micro_batch_tokens": cfg.token_budget,
+        "workers": world, "packing": cfg.packing, "attn_implementation": cfg.attention,
+        "non_pad_tokens": int(stats.tokens.sum()), "target_tokens": int(stats.targets.sum()),
+        "padding_fraction": 1 - float(stats.tokens.sum()) / max(float(stats.computed.sum()), 1.0),
         "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
-        "mean_tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steady])),
-        "mean_mfu": float(np.mean([r["mfu"] for r in steady])),
+        "mean_tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in steady) / seconds,
+        "mean_mfu": sum(r["mfu"] * r["step_time_s"] for r in steady) / seconds,
+        "mean_mfu_anchor": sum(r["mfu_anchor"] * r["step_time_s"] for r in steady) / seconds,
+        "flop_convention": CONVENTION, "anchor_convention": ANCHOR_CONVENTION,
         "data_digest": (result.metrics or {}).get("data_digest"),
         "worker_nodes": (result.metrics or {}).get("worker_nodes"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "wall_time_s": time.time() - started, "ray_version": ray.__version__,
+        "resumed_from_step": (result.metrics or {}).get("resumed_from"),
+        "digest": digest, "wall_time_s": time.time() - started, "ray_version": ray.__version__,
     }
-    st.write_json(st.join(out, "_summary.json"), summary, storage)
-    return summary
+    out.commit(summary)
+    return {**summary, "run_id": out.run_id}
 
 
-def run_training(cfg: TrainConfig, storage: StorageConfig, stage: str = "all", fail_once: dict | None = None) -> dict:
-    """Run one stage or all enabled stages in order; with `all`, stages that already wrote a summary are kept."""
+def _committed_summary(cfg: TrainConfig, stage: str, storage: StorageConfig) -> dict | None:
+    folder = stage_dir(cfg, stage)
+    manifest = read_manifest(folder, storage)
+    if manifest is None or manifest.get("job") != f"train-{stage}":
+        return None
+    summary_uri = st.join(folder, "_summary.json")
+    return st.read_json(summary_uri, storage) if st.exists(summary_uri, storage) else None
+
+
+def run_training(cfg: TrainConfig, storage: StorageConfig, stage: str = "all", faults: list[dict] | None = None) -> dict:
+    """Run one stage, or all enabled stages in order. With `all`, a committed stage whose digest (settings, input
+    data, input model) matches is kept; the first stage that differs trains again, and so does every later one."""
     import ray
 
     if stage == "all":
@@ -202,12 +210,21 @@ def run_training(cfg: TrainConfig, storage: StorageConfig, stage: str = "all", f
     preflight(cfg, storage, stages)
     if not ray.is_initialized():
         ray.init()
-    summaries = {}
+    summaries: dict = {}
+    retraining = False
     for name in stages:
-        done = st.join(stage_dir(cfg, name), "_summary.json")
-        if stage == "all" and st.exists(done, storage) and st.exists(st.join(stage_dir(cfg, name), "model"), storage):
-            print(f"[{name}] already done ({done}); skipping", flush=True)
-            summaries[name] = st.read_json(done, storage)
+        digest = stage_digest(cfg, name, data_files(cfg, storage, name), stage_input(cfg, name), storage)
+        done = _committed_summary(cfg, name, storage) if stage == "all" else None
+        previous = (done or {}).get("digest") or {}
+        if done and not retraining and previous.get("stage") == digest["stage"]:
+            print(f"[{name}] already done with the same settings, data and input model "
+                  f"({stage_dir(cfg, name)}); skipping", flush=True)
+            summaries[name] = done
             continue
-        summaries[name] = run_stage(cfg, storage, name, fail_once)
+        if done:
+            changed = [p for p in ("config", "data", "model") if previous.get(p) != digest[p]]
+            print(f"[{name}] {'changed: ' + ', '.join(changed) if changed else 'an earlier stage was retrained'}; "
+                  f"training it again", flush=True)
+        retraining = True
+        summaries[name] = run_stage(cfg, storage, name, digest, [f for f in faults or [] if f.get("stage", name) == name])
     return summaries
