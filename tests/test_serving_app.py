@@ -1,5 +1,6 @@
-"""The correction API on a real Ray Serve app (127.0.0.1, tiny model): contract, batching, 4xx, 503, auth, align,
-replica failure and autoscaling."""
+"""The correction API on a real Ray Serve app (127.0.0.1, tiny model, engine `hf`): contract, batching, 4xx, 503,
+auth, align, the OpenAI-compatible route (official client), stream cancellation, no head-of-line blocking, error
+bodies without internals, a replica killed under load (fault 9(e)) and autoscaling."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 TOKEN = "test-token-123"
+INTERNAL_URL = "http://10.11.12.13:9999/internal"
 HF = {"Authorization": f"Bearer {TOKEN}"}
 Q = {"question": "What is the capital of France?", "answer": "Berlin, probably.", "objectives": ["Honesty"]}
 
@@ -33,9 +35,18 @@ class _OpenAIHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
         question = body["messages"][-1]["content"]
+        if "FAIL" in question:  # an upstream failure whose body holds internals that must not reach our clients
+            out = json.dumps({"error": f"Traceback ... at {INTERNAL_URL}"}).encode()
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
+        answer = "x" * 30000 if "LONG" in question else f"Weak answer to: {question}"
         out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
                           "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": f"Weak answer to: {question}"}}],
+                                       "message": {"role": "assistant", "content": answer}}],
                           "usage": {"prompt_tokens": 7, "completion_tokens": 5}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -71,12 +82,12 @@ def _config(model: str, **serve_kw):
     from metaaligner.serving.config import ServeConfig
 
     base = {
-        "corrector": {"model": model, "objectives": "ultrafeedback",
-                      "generation": {"max_new_tokens": 8, "max_new_tokens_limit": 64}},
-        "max_batch_size": 8, "batch_wait_timeout_s": 0.1, "max_ongoing_requests": 8, "max_queued_requests": 16,
+        "corrector": {"model": model, "objectives": "ultrafeedback", "hf": {"page_size": 64},
+                      "generation": {"max_new_tokens": 8, "max_new_tokens_limit": 900}},
+        "max_batch_size": 8, "batch_wait_timeout_s": 0.1, "max_ongoing_requests": 12, "max_queued_requests": 16,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "metrics_interval_s": 1, "look_back_period_s": 2},
-        "num_cpus": 0.5, "health_check_period_s": 1, "limits": {"max_question_chars": 2000, "max_objectives": 4,
-                                                                "max_batch_items": 8, "max_body_bytes": 20000},
+        "num_cpus": 0.5, "health_check_period_s": 1, "request_timeout_s": 30, "auth": "none",
+        "limits": {"max_question_chars": 2000, "max_objectives": 4, "max_batch_items": 8, "max_body_bytes": 20000},
     }
     base.update(serve_kw)
     return ServeConfig.model_validate(base)
@@ -89,7 +100,7 @@ def api_url(serve_port, tiny_model_dir, policy_server, monkeypatch_module):
     from metaaligner.serving.app import build
 
     monkeypatch_module.setenv("MA_TEST_API_TOKEN", TOKEN)
-    cfg = _config(str(tiny_model_dir), auth_token_env="MA_TEST_API_TOKEN",
+    cfg = _config(str(tiny_model_dir), auth="token", auth_token_env="MA_TEST_API_TOKEN",
                   policy={"kind": "openai", "base_url": policy_server, "model": "weak-policy"})
     serve.run(build(cfg), name="ma-test", route_prefix="/ma")
     yield f"http://127.0.0.1:{serve_port}/ma"
@@ -127,7 +138,8 @@ def test_correct_contract(api_url):
     objs = httpx.get(api_url + "/v1/objectives", headers=HF).json()
     assert objs["set"] == "ultrafeedback" and "Honesty" in [o["name"] for o in objs["objectives"]]
     assert "hh_rlhf" in objs["templates"]
-    assert httpx.get(api_url + "/healthz").json()["status"] == "ok"  # no auth for health
+    health = httpx.get(api_url + "/healthz")  # no auth for health, and no model path in it
+    assert health.json() == {"status": "ok"} and "tiny" not in health.text
 
 
 def test_batch_endpoint_and_stream(api_url):
@@ -160,12 +172,14 @@ async def _burst(url: str, n: int, body: dict, headers=HF) -> list[httpx.Respons
 
 def test_requests_are_batched(api_url):
     before = httpx.get(api_url + "/v1/stats", headers=HF).json()
-    rs = asyncio.run(_burst(api_url, 10, {**Q, "generation": {"max_new_tokens": 16}}))  # within 8 ongoing + 16 queued
+    rs = asyncio.run(_burst(api_url, 10, {**Q, "generation": {"max_new_tokens": 16}}))  # within 12 ongoing + 16 queued
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
     after = httpx.get(api_url + "/v1/stats", headers=HF).json()
-    assert after["replica"] == before["replica"]
-    assert after["items"] - before["items"] == 10
-    assert after["max_batch_size"] > 1 and after["batches"] - before["batches"] < 10
+    assert after["replica"] == before["replica"] and after["engine"] == "hf"
+    assert after["requests_finished"] - before["requests_finished"] >= 10  # (+ one-token health checks)
+    assert after["max_occupancy"] > 1  # requests decoded together in one step
+    assert after["generated_tokens"] - before["generated_tokens"] >= sum(
+        r.json()["usage"]["completion_tokens"] for r in rs)
 
 
 @pytest.mark.parametrize("body,status,needle", [
@@ -176,7 +190,7 @@ def test_requests_are_batched(api_url):
     ({**Q, "objectives": [{"name": "X"}]}, 422, "description"),                          # free text needs description
     ({**Q, "question": "q" * 2001}, 413, "limit is 2000"),                               # over the configured size
     ({**Q, "objectives": ["Honesty", "Truthfulness", "Helpfulness", "Instruction following", "a"]}, 413, "limit is 4"),
-    ({**Q, "generation": {"max_new_tokens": 65}}, 422, "64"),                            # over max_new_tokens_limit
+    ({**Q, "generation": {"max_new_tokens": 901}}, 422, "900"),                            # over max_new_tokens_limit
     ({**Q, "generation": {"temperature": -1}}, 422, "temperature"),
     ({**Q, "generation": {"top_p": 0}}, 422, "top_p"),
     ({**Q, "generation": {"beams": 4}}, 422, "beams"),                                   # unknown parameter
@@ -203,10 +217,15 @@ def test_malformed_and_oversized_bodies(api_url):
     assert r.status_code == 422 and "items[1]" in r.text
 
 
-def test_auth(api_url):
+def test_fault_9g_wrong_or_missing_token_is_401(api_url):
+    """Fault 9(g), the running half: no token and a wrong token both get 401 on every route but /healthz."""
     assert _post(api_url, "/v1/correct", Q, headers={}).status_code == 401
     assert _post(api_url, "/v1/correct", Q, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert _post(api_url, "/v1/correct", Q, headers={"Authorization": TOKEN}).status_code == 401  # no "Bearer"
     assert httpx.get(api_url + "/v1/objectives").status_code == 401
+    assert httpx.get(api_url + "/v1/stats").status_code == 401
+    r = _post(api_url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, headers={})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert _post(api_url, "/v1/correct", Q).status_code == 200
 
 
@@ -225,6 +244,17 @@ def test_align_with_openai_compatible_policy(api_url):
     assert bad.status_code == 422 and len(_OpenAIHandler.calls) == 1  # rejected before asking the policy
 
 
+def test_policy_faults_are_502_without_internals(api_url):
+    """The policy's failures are 502 (its fault, not the client's), and no upstream URL or text leaks."""
+    failed = _post(api_url, "/v1/align", {"question": "FAIL please", "objectives": ["Honesty"]})
+    assert failed.status_code == 502 and "HTTP 500" in failed.json()["detail"]
+    assert "10.11.12.13" not in failed.text and "Traceback" not in failed.text and "127.0.0.1" not in failed.text
+    too_long = _post(api_url, "/v1/align", {"question": "LONG please", "objectives": ["Honesty"]})
+    assert too_long.status_code == 502 and "30000 characters" in too_long.text  # over max_answer_chars: not a 413
+    chat = _post(api_url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "LONG please"}]})
+    assert chat.status_code == 502 and chat.json()["error"]["type"] == "upstream_error", chat.text
+
+
 def test_overload_is_503_not_hang(api_url):
     t0 = time.monotonic()
     rs = asyncio.run(_burst(api_url, 64, {**Q, "generation": {"max_new_tokens": 64}}))  # > 8 ongoing + 16 queued
@@ -236,19 +266,204 @@ def test_overload_is_503_not_hang(api_url):
     assert _post(api_url, "/v1/correct", Q).status_code == 200  # recovers
 
 
-def test_dead_replica_is_replaced(api_url):
+def _sse_events(text: str) -> list[str]:
+    return [e for e in text.split("\n\n") if e.strip()]
+
+
+def test_openai_client_non_stream_and_stream(api_url):
+    """The official openai client against the app: the corrected answer comes back in OpenAI's schema."""
+    import openai
+
+    client = openai.OpenAI(base_url=api_url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    convo = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "Berlin, probably."}]
+    objectives = {"objectives": ["Honesty", {"name": "Brevity", "description": "short"}]}
+    r = client.chat.completions.create(model="metaaligner", messages=convo, max_tokens=6, temperature=0,
+                                       extra_body=objectives)
+    assert r.object == "chat.completion" and r.model == "metaaligner" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 6 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert not (r.model_extra or {}).get("policy_usage")  # the answer was given: no policy call
+    # the same correction as /v1/correct with the question rendered from the chat (system first, paper template)
+    same = _post(api_url, "/v1/correct", {"question": "Be kind.\n\nWhat is the capital of France?",
+                                          "answer": "Berlin, probably.", "generation": {"max_new_tokens": 6},
+                                          "objectives": ["Honesty", {"name": "Brevity", "description": "short"}]}).json()
+    assert r.choices[0].message.content == same["correction"]
+
+    stream = client.chat.completions.create(model="metaaligner", messages=convo, max_tokens=6, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=objectives)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == r.choices[0].message.content  # greedy: the streamed correction is the same
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+    # no final assistant message: the configured policy answers first, then the corrector corrects it
+    _OpenAIHandler.calls.clear()
+    aligned = client.chat.completions.create(model="metaaligner", messages=convo[:2], max_tokens=4)
+    assert aligned.model_extra["policy_usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    assert _OpenAIHandler.calls[0]["body"]["messages"] == convo[:2]
+    assert aligned.usage.prompt_tokens > 20  # the corrector's prompt, which holds the policy's answer
+
+    bad = openai.OpenAI(base_url=api_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model="metaaligner", messages=convo)
+    assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        client.chat.completions.create(model="metaaligner", messages=convo, n=2)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="metaaligner", messages=convo, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="metaaligner", messages=convo, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="unknown objectives"):
+        client.chat.completions.create(model="metaaligner", messages=convo, extra_body={"objectives": ["Nope"]})
+    assert [m.id for m in client.models.list()] == ["metaaligner"]
+
+
+def test_stream_disconnect_frees_its_slot(api_url):
+    """A client that goes away mid-stream cancels its generation: the replica's slot frees long before 900 tokens."""
+    before = httpx.get(api_url + "/v1/stats", headers=HF).json()
+    with httpx.stream("POST", api_url + "/v1/correct/stream", json={**Q, "generation": {"max_new_tokens": 900}},
+                      headers=HF, timeout=60) as s:
+        assert s.status_code == 200
+        pieces = 0
+        for line in s.iter_lines():
+            pieces += line.startswith("data: ")
+            if pieces >= 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline, stats = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        stats = httpx.get(api_url + "/v1/stats", headers=HF).json()
+        if stats["requests_cancelled"] > before["requests_cancelled"] and stats["requests_open"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["requests_cancelled"] == before["requests_cancelled"] + 1, stats
+    assert stats["requests_open"] == 0 and stats["requests_running"] <= 1  # (a one-token health check may run)
+    assert stats["generated_tokens"] - before["generated_tokens"] < 900
+
+
+async def _head_of_line(url: str, long_tokens: int, shorts: int) -> tuple[list[float], list[float], list[str]]:
+    """Two long streams; once both produce tokens, `shorts` short requests. Returns (short latencies, stream
+    durations, stream finish reasons)."""
+    durations, finish, started = [], [], [asyncio.Event(), asyncio.Event()]
+
+    async def long_stream(c: httpx.AsyncClient, i: int):
+        t0 = time.monotonic()
+        async with c.stream("POST", url + "/v1/correct/stream", headers=HF, json={
+                **Q, "question": f"Long question {i}?", "generation": {"max_new_tokens": long_tokens}}) as s:
+            assert s.status_code == 200
+            async for line in s.aiter_lines():
+                if line.startswith("data: ") and '"delta"' in line:
+                    started[i].set()
+                if line.startswith("data: ") and '"correction"' in line:
+                    finish.append(json.loads(line[6:])["finish_reason"])
+        durations.append(time.monotonic() - t0)
+
+    async def short(c: httpx.AsyncClient) -> float:
+        t0 = time.monotonic()
+        r = await c.post(url + "/v1/correct", json={**Q, "generation": {"max_new_tokens": 8}}, headers=HF)
+        assert r.status_code == 200, r.text
+        return time.monotonic() - t0
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=16)) as c:
+        streams = [asyncio.create_task(long_stream(c, i)) for i in range(2)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+        latencies = await asyncio.gather(*(short(c) for _ in range(shorts)))
+        await asyncio.wait_for(asyncio.gather(*streams), 120)
+    return list(latencies), durations, finish
+
+
+def test_no_head_of_line_blocking(api_url):
+    """Short requests sent while two long streams run are not held behind them (engine hf: one scheduler, no
+    lock). A ratio with a wide margin, never an absolute time: short p50 <= 25 % of the streams' duration."""
+    latencies, durations, finish = asyncio.run(_head_of_line(api_url, long_tokens=768, shorts=8))
+    assert finish == ["length", "length"]  # the streams ran their full length while the shorts came and went
+    p50 = sorted(latencies)[len(latencies) // 2]
+    ratio = p50 / (sum(durations) / len(durations))
+    print(f"\nhead-of-line: short p50 {p50:.3f}s, long streams {durations[0]:.2f}s/{durations[1]:.2f}s, "
+          f"ratio {ratio:.3f}")
+    assert ratio <= 0.25, (latencies, durations)
+    assert max(latencies) < min(durations)
+
+
+def test_stream_timeout_is_an_error_event_without_internals(timeout_app_url):
+    """Past serve.request_timeout_s a started stream ends with an in-band error (503, no exception text) and
+    its generation is cancelled."""
+    with httpx.stream("POST", timeout_app_url + "/v1/correct/stream", json={**Q, "generation": {"max_new_tokens": 900}},
+                      timeout=60) as s:
+        assert s.status_code == 200
+        text = "".join(s.iter_text())
+    events = _sse_events(text)
+    assert events[-1].startswith("event: error") and not any(e.startswith("event: done") for e in events)
+    err = json.loads(events[-1].split("data: ", 1)[1])
+    assert err == {"detail": "the request timed out (serve.request_timeout_s); retry later", "status": 503}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and httpx.get(timeout_app_url + "/v1/stats").json()["requests_open"]:
+        time.sleep(0.2)
+    assert httpx.get(timeout_app_url + "/v1/stats").json()["requests_open"] == 0
+    # no policy configured and no answer in the chat: a 400 that says so, in OpenAI's shape
+    r = httpx.post(timeout_app_url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "no policy is configured" in r.json()["error"]["message"]
+
+
+@pytest.fixture
+def timeout_app_url(serve_port, tiny_model_dir):
+    """A second, open (auth: none) app with a 1 s request timeout and no policy (deleted after its test)."""
+    from ray import serve
+
+    from metaaligner.serving.app import build
+
+    serve.run(build(_config(str(tiny_model_dir), request_timeout_s=1)), name="ma-timeout", route_prefix="/timeout")
+    yield f"http://127.0.0.1:{serve_port}/timeout"
+    serve.delete("ma-timeout")
+
+
+def test_fault_9e_replica_killed_under_load(api_url):
+    """Fault 9(e): kill the corrector replica while 6 clients keep sending. Every request gets 200 or 503 (with
+    Retry-After), none a 500, none hangs past the request timeout, and service comes back on a new replica."""
     import ray
 
     before = httpx.get(api_url + "/v1/stats", headers=HF).json()
-    ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
-    deadline, ok_after = time.monotonic() + 90, 0
-    while time.monotonic() < deadline and ok_after < 3:
-        r = _post(api_url, "/v1/correct", Q)
-        assert r.status_code in (200, 503), r.text
-        ok_after = ok_after + 1 if r.status_code == 200 else 0
-        time.sleep(0.2)
-    assert ok_after == 3
-    assert httpx.get(api_url + "/v1/stats", headers=HF).json()["replica"] != before["replica"]
+    results: list[tuple] = []  # (status, seconds, started after the kill)
+    state = {"kill_t": None}
+
+    async def client(c: httpx.AsyncClient, stop_at: float):
+        while time.monotonic() < stop_at and not state.get("recovered"):
+            t = time.monotonic()
+            try:
+                r = await c.post(api_url + "/v1/correct", json={**Q, "generation": {"max_new_tokens": 16}}, headers=HF)
+                status, retry = r.status_code, r.headers.get("retry-after")
+                assert status in (200, 503), r.text
+                assert status == 200 or retry, "503 without Retry-After"
+            except httpx.HTTPError as e:
+                status = f"transport error {type(e).__name__}"
+            after = state["kill_t"] is not None and t > state["kill_t"]
+            results.append((status, time.monotonic() - t, after))
+            if after and sum(1 for s, _, a in results if a and s == 200) >= 10:
+                state["recovered"] = time.monotonic()
+            if status == 503:
+                await asyncio.sleep(0.2)
+
+    async def killer():
+        await asyncio.sleep(3)  # load established
+        state["kill_t"] = time.monotonic()
+        ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=8)) as c:
+            await asyncio.gather(killer(), *(client(c, time.monotonic() + 90) for _ in range(6)))
+
+    asyncio.run(run())
+    codes = [s for s, _, _ in results]
+    assert set(codes) <= {200, 503}, codes  # no 500, no transport error: nothing lost
+    assert state.get("recovered"), f"no recovery within 90 s: {codes[-20:]}"
+    assert max(d for _, d, _ in results) < 30 + 5  # request_timeout_s 30: nothing hangs past it
+    after = httpx.get(api_url + "/v1/stats", headers=HF).json()
+    assert after["replica"] != before["replica"]
+    print(f"\nfault 9(e): {len(codes)} requests under load of 6 clients, {codes.count(200)} x 200, {codes.count(503)} x 503, "
+          f"0 other; back to 200 {state['recovered'] - state['kill_t']:.1f}s after the kill; "
+          f"max latency {max(d for _, d, _ in results):.2f}s")
 
 
 def _running(app: str) -> int:

@@ -37,7 +37,10 @@ def test_correct_cli_on_s3(ray_cluster, s3_server, s3_bucket, storage_config, ti
     assert rc == 0
     summary = st.read_json(f"{out}/_summary.json", storage_config)
     assert summary["rows"] == 10 and summary["corrected"] == 9 and summary["errors"] == 1
-    assert summary["completion_tokens"] > 0 and summary["input_files"] == 2
+    assert summary["completion_tokens"] > 0 and summary["input_files"] == 2 and summary["too_long"] == 0
+    manifest = st.read_json(f"{out}/_SUCCESS", storage_config)  # committed through the staging protocol
+    assert manifest["job"] == "correct" and all(f["path"].endswith(".parquet") for f in manifest["files"])
+    assert not st.exists(f"{out}/_staging", storage_config)
 
     fs, path = st.filesystem(out, storage_config)
     table = pq.read_table(path, filesystem=fs).sort_by("id")
@@ -75,3 +78,91 @@ def test_correct_local_jsonl_and_bad_input(ray_cluster, tiny_model_dir, tmp_path
         run_correction(cfg.model_copy(update={"input": str(src / "b.jsonl")}), StorageConfig())
     with pytest.raises(ValueError, match="unknown objectives"):
         run_correction(cfg.model_copy(update={"default_objectives": ["Nope"]}), StorageConfig())
+
+
+LONG_ANSWER = "word " * 200
+LONG_QUESTION = "Why " * 300 + "?"
+
+
+def _too_long_rows() -> pa.Table:
+    rows = [{"id": "ok0", "question": "How do I bake bread?", "answer": "Mix flour and water."},
+            {"id": "ok1", "question": "How do I boil an egg?", "answer": "Boil it."},
+            {"id": "ok2", "question": "What is rain?", "answer": "Water falling."},
+            {"id": "long-answer", "question": "Tell me about words.", "answer": LONG_ANSWER},
+            {"id": "long-question", "question": LONG_QUESTION, "answer": "Short."}]
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.mark.parametrize("mode", ["original", "truncate", "error"])
+def test_on_too_long_modes_never_fail_the_batch(tiny_model_dir, mode):
+    """The actor itself on a batch (no Ray scheduling needed): a prompt over max_input_tokens follows on_too_long,
+    is flagged too_long, and every other row is corrected."""
+    from metaaligner.config import StorageConfig
+    from metaaligner.serving.batch import KEPT_ORIGINAL, CorrectorActor
+    from metaaligner.serving.config import CorrectConfig
+
+    limit = 200
+    cfg = CorrectConfig(input="x", output="y", model=str(tiny_model_dir), objectives="hh_rlhf", template="hh_rlhf",
+                        max_input_tokens=limit, on_too_long=mode, generation={"max_new_tokens": 4})
+    out = {r["id"]: r for r in CorrectorActor(cfg, StorageConfig())(_too_long_rows()).to_pylist()}
+    assert len(out) == 5 and out["long-answer"]["answer"] == LONG_ANSWER  # input columns are kept
+    for rid in ("ok0", "ok1", "ok2"):
+        assert out[rid]["too_long"] is False and out[rid]["error"] is None
+        assert out[rid]["finish_reason"] in ("stop", "length") and out[rid]["prompt_tokens"] <= limit
+    long_answer, long_question = out["long-answer"], out["long-question"]
+    assert long_answer["too_long"] is True and long_question["too_long"] is True
+    if mode == "original":  # the correction is the untouched answer
+        for row in (long_answer, long_question):
+            assert (row["correction"], row["finish_reason"], row["error"]) == (row["answer"], KEPT_ORIGINAL, None)
+            assert row["completion_tokens"] == 0
+    elif mode == "truncate":  # the answer's tail is cut to fit; a question alone over the limit is an error
+        assert long_answer["error"] is None and long_answer["finish_reason"] in ("stop", "length")
+        assert limit - 8 <= long_answer["prompt_tokens"] <= limit
+        assert long_question["correction"] is None and "even with the whole answer cut" in long_question["error"]
+    else:
+        for row in (long_answer, long_question):
+            assert row["correction"] is None and row["error"].startswith("InputTooLong: prompt is")
+
+
+def test_truncate_answer_cuts_only_the_answer_tail(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from metaaligner.serving.batch import truncate_answer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = f"Objectives: be kind | Context: Why? | Answer: {LONG_ANSWER}| Edit: "
+    ids = truncate_answer(tok, prompt, LONG_ANSWER, 60)
+    assert len(ids) <= 60
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text.startswith("Objectives: be kind | Context: Why? | Answer: word") and text.rstrip().endswith("| Edit:")
+    assert text.count("word") < LONG_ANSWER.count("word")
+    assert truncate_answer(tok, prompt, LONG_ANSWER, 10) is None  # even an empty answer does not fit
+
+
+def test_output_containing_or_inside_the_input_is_refused_and_the_input_survives(tiny_model_dir, tmp_path):
+    from metaaligner.config import StorageConfig
+    from metaaligner.serving.batch import run_correction
+    from metaaligner.serving.config import CorrectConfig
+
+    (tmp_path / "data" / "in").mkdir(parents=True)
+    (tmp_path / "data" / "in" / "a.jsonl").write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    for output in (tmp_path / "data", tmp_path / "data" / "in", tmp_path / "data" / "in" / "out"):
+        cfg = CorrectConfig(input=str(tmp_path / "data" / "in"), output=str(output), model=str(tiny_model_dir))
+        with pytest.raises(ValueError, match="write the output somewhere else"):
+            run_correction(cfg, StorageConfig())
+    assert (tmp_path / "data" / "in" / "a.jsonl").is_file()
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == ["a.jsonl", "in"]
+
+
+def test_an_incomplete_earlier_output_is_refused_as_input(tiny_model_dir, tmp_path):
+    from metaaligner.config import StorageConfig
+    from metaaligner.serving.batch import run_correction
+    from metaaligner.serving.config import CorrectConfig
+
+    staged = tmp_path / "answers" / "_staging" / "20260101T000000-deadbeef"
+    staged.mkdir(parents=True)
+    (staged / "part-0.jsonl").write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    cfg = CorrectConfig(input=str(tmp_path / "answers"), output=str(tmp_path / "out"), model=str(tiny_model_dir))
+    with pytest.raises(RuntimeError, match="incomplete run"):
+        run_correction(cfg, StorageConfig())
+    assert not (tmp_path / "out").exists()

@@ -95,7 +95,10 @@ def test_shipped_serve_configs_build():
     assert app_spec["import_path"] == "metaaligner.serving.app:build_app"
     assert build_app(app_spec["args"]) is not None
     with pytest.raises(ValueError, match="max_batch_size"):
-        ServeConfig(corrector={"model": "m"}, max_batch_size=32, max_ongoing_requests=8)
+        ServeConfig(corrector={"model": "m"}, max_batch_size=32, max_ongoing_requests=8, auth="none")
+    prod = load_config(ROOT / "jobs/configs/serve-ultrafeedback-13b.yaml").serve
+    assert prod.auth == "token" and prod.auth_token_env == "METAALIGNER_API_TOKEN" and prod.corrector.engine == "hf"
+    assert cfg.serve.auth == "none" and cfg.serve.host == "127.0.0.1"  # the open demo config binds loopback only
 
 
 def test_loads_training_export_folder(tmp_path, tiny_model_dir):

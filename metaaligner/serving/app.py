@@ -1,14 +1,14 @@
-"""Ray Serve application: a FastAPI ingress in front of batched, autoscaled model deployments."""
+"""Ray Serve application: a FastAPI ingress in front of autoscaled model deployments, each running an engine."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve's class-based FastAPI views need real annotations (`Request`).
 import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import time
-from collections import Counter
+import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -21,89 +21,127 @@ from ray.serve.handle import DeploymentHandle
 
 from metaaligner.config import StorageConfig, load_config
 from metaaligner.prompts import PROFILES
-from metaaligner.serving import api
+from metaaligner.serving import api, openai_api
 from metaaligner.serving.config import CorrectorConfig, GenerationConfig, ServeConfig
 from metaaligner.serving.corrector import CorrectionInputError, GenerationParams, Prompter
+from metaaligner.serving.engines import EngineOverloaded, is_out_of_memory
 from metaaligner.serving.policy import OpenAIPolicy, PolicyError
 
-_DONE = object()
+log = logging.getLogger("ray.serve")
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
+class AuthConfigError(ValueError):
+    """serve.auth is `token` but the token variable is unset or empty: the app refuses to start (fails closed)."""
+
+
+def resolve_token(config: ServeConfig) -> str | None:
+    """The bearer token the API requires (None with auth: none, which is logged); fails closed on a missing token."""
+    if config.auth == "none":
+        log.warning("serve.auth is `none`: the correction API at %s:%s is OPEN to anyone who can reach it "
+                    "(use auth: token outside a loopback demo)", config.host, config.port)
+        return None
+    token = os.environ.get(config.auth_token_env or "", "")
+    if not token.strip():
+        raise AuthConfigError(
+            f"serve.auth is `token` but the environment variable {config.auth_token_env} is unset or empty: set it to "
+            "the bearer token clients must send (refusing to start an open API), or set serve.auth: none for a "
+            "loopback demo")
+    return token
 
 
 @serve.deployment(name="Model")
 class ModelServer:
-    """One model replica: requests are grouped by @serve.batch into one left-padded generate call."""
+    """One model replica: an engine (continuous batching by default) serves batch and stream requests."""
 
     def __init__(self, model: CorrectorConfig, storage: StorageConfig, max_batch_size: int, batch_wait_timeout_s: float,
-                 system_prompt: str | None = None):
-        from metaaligner.serving.corrector import TextGenerator
+                 system_prompt: str | None = None, max_running_requests: int | None = None,
+                 health_check_timeout_s: float = 30.0):
+        from metaaligner.serving.engines import create_engine
 
-        self.generator = TextGenerator(model, storage)
+        self.engine = create_engine(model, storage, max_batch_size=max_batch_size,
+                                    batch_wait_timeout_s=batch_wait_timeout_s, max_running_requests=max_running_requests)
         self.system_prompt = system_prompt
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: Counter[int] = Counter()
-        self.generated_tokens = 0
+        self.health_check_timeout_s = health_check_timeout_s
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.actor_name = ray.get_runtime_context().get_actor_name()
 
     async def generate(self, prompt: str, params: dict) -> dict:
-        """Validate the prompt length here (a 413 for this request only), then join a batch."""
+        """Validate the prompt length here (a 413 for this request only), then generate; a cancelled call cancels."""
         p = GenerationParams(**params)
-        ids = self.generator.encode(prompt, p.max_new_tokens)
-        return (await self._batched((ids, p))).to_dict()
+        ids = self.engine.encode(prompt, p.max_new_tokens)
+        return (await self.engine.generate(ids, p)).to_dict()
 
-    async def chat(self, question: str, params: dict) -> dict:
-        """Answer a question as a policy model (chat template when the tokenizer has one)."""
+    async def chat(self, question: str | list[dict], params: dict) -> dict:
+        """Answer a question or a chat as a policy model (chat template when the tokenizer has one)."""
         from metaaligner.serving.policy import chat_prompt
 
-        return await self.generate(chat_prompt(self.generator.tokenizer, question, self.system_prompt), params)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[tuple]) -> list:
-        self.batch_sizes[len(items)] += 1
-        out = await asyncio.to_thread(self.generator.generate, [i[0] for i in items], [i[1] for i in items])
-        self.generated_tokens += sum(g.completion_tokens for g in out)
-        return out
+        return await self.generate(chat_prompt(self.engine.tokenizer, question, self.system_prompt), params)
 
     async def stream(self, prompt: str, params: dict):
-        """Yields {"ready"} once the prompt is accepted, then {"delta"} pieces and a final {"generation"}."""
+        """Yields {"ready"} once the prompt is accepted, then {"delta"} pieces and a final {"generation"}.
+        Closing this stream early (the client went away) cancels the generation and frees its slot."""
         p = GenerationParams(**params)
-        ids = self.generator.encode(prompt, p.max_new_tokens)
+        ids = self.engine.encode(prompt, p.max_new_tokens)
         yield {"ready": True}
-        it = self.generator.stream(ids, p)
-        while (item := await asyncio.to_thread(next, it, _DONE)) is not _DONE:
-            yield {"delta": item} if isinstance(item, str) else {"generation": item.to_dict()}
+        rid = self.engine.submit(ids, p, stream=True)
+        try:
+            async for item in self.engine.stream(rid):
+                yield {"delta": item} if isinstance(item, str) else {"generation": item.to_dict()}
+        finally:
+            self.engine.cancel(rid)  # no-op once finished
 
     def stats(self) -> dict:
-        n = sum(self.batch_sizes.values())
-        items = sum(k * v for k, v in self.batch_sizes.items())
-        return {"replica": self.replica, "actor_name": self.actor_name, "batches": n, "items": items,
-                "mean_batch_size": items / n if n else 0.0, "max_batch_size": max(self.batch_sizes, default=0),
-                "batch_size_counts": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "generated_tokens": self.generated_tokens}
+        return {"replica": self.replica, "actor_name": self.actor_name, **self.engine.stats()}
+
+    async def check_health(self) -> None:
+        """Serve's periodic replica check: a one-token generation through the engine's own queue."""
+        await asyncio.wait_for(self.engine.health_check(), self.health_check_timeout_s)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
 
 app = FastAPI(title="MetaAligner correction API", version="1")
 
 
+def _error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """An error body in the route's own shape: OpenAI's for the OpenAI-compatible routes, {"detail"} elsewhere."""
+    if path.rstrip("/").endswith(OPENAI_PATHS):
+        err = openai_api.from_status(status, message, headers)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
 @app.middleware("http")
 async def _guard(request: Request, call_next):
-    """Bearer auth (when configured) and the body size limit, before any parsing."""
+    """Bearer auth (unless serve.auth: none) and the body size limit, before any parsing; no 500 leaks details."""
     settings = request.app.state.settings
-    if settings["token_sha256"] and not request.url.path.rstrip("/").endswith("/healthz"):
+    path = request.url.path
+    if settings["token_sha256"] and not path.rstrip("/").endswith("/healthz"):
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), settings["token_sha256"]):
-            return JSONResponse({"detail": "missing or invalid bearer token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+            return _error_response(path, 401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
     length = request.headers.get("content-length")
     if request.method == "POST" and not (length and length.isdigit()):
-        return JSONResponse({"detail": "a Content-Length header is required"}, status_code=411)
+        return _error_response(path, 411, "a Content-Length header is required")
     if length and length.isdigit() and int(length) > settings["max_body_bytes"]:
-        return JSONResponse({"detail": f"request body is {length} bytes; the limit is {settings['max_body_bytes']}"},
-                            status_code=413)
-    return await call_next(request)
+        return _error_response(path, 413, f"request body is {length} bytes; the limit is {settings['max_body_bytes']}")
+    try:
+        return await call_next(request)
+    except Exception:  # noqa: BLE001 - logged with a reference; the client sees only the reference
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unhandled error (ref %s) on %s %s", ref, request.method, path)
+        return _error_response(path, 500, f"internal error (ref {ref}); details are in the server logs")
+
+
+@app.exception_handler(openai_api.OpenAIError)
+async def _openai_error(request: Request, e: openai_api.OpenAIError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -113,18 +151,27 @@ def _cause(e: BaseException) -> BaseException:
     return e
 
 
-def _http_error(e: BaseException) -> HTTPException:
-    """Map what a model call raised to a 4xx/5xx; anything unexpected is re-raised (a genuine 500)."""
+def _http_error(e: BaseException, retry_after: int = 1) -> HTTPException:
+    """Map what a model call raised to a status with a message safe to show; details go to the logs."""
     e = _cause(e)
+    retry = {"Retry-After": str(retry_after)}
     if isinstance(e, CorrectionInputError):
         return HTTPException(e.status_code, str(e))
     if isinstance(e, BackPressureError):
-        return HTTPException(503, "overloaded: the corrector queue is full, retry later", headers={"Retry-After": "1"})
+        return HTTPException(503, "overloaded: the corrector queue is full, retry later", headers=retry)
     if isinstance(e, (*_REPLICA_GONE, DeploymentUnavailableError)):
-        return HTTPException(503, "model replica unavailable, retry later", headers={"Retry-After": "1"})
+        return HTTPException(503, "model replica unavailable, retry later", headers=retry)
+    if isinstance(e, asyncio.TimeoutError):
+        return HTTPException(503, "the request timed out (serve.request_timeout_s); retry later", headers=retry)
+    if isinstance(e, EngineOverloaded) or is_out_of_memory(e):
+        log.warning("model replica overloaded: %s: %s", type(e).__name__, e)
+        return HTTPException(503, "the model is out of memory or restarting, retry later", headers=retry)
     if isinstance(e, PolicyError):
+        log.warning("policy error: %s", e.detail)
         return HTTPException(502, str(e))
-    raise e
+    ref = uuid.uuid4().hex[:12]
+    log.error("generation failed (ref %s): %s: %s", ref, type(e).__name__, e, exc_info=e)
+    return HTTPException(500, f"internal error (ref {ref}); details are in the server logs")
 
 
 def _specs(objectives: list) -> list:
@@ -142,10 +189,17 @@ async def _call(method, *args, retries: int = 2):
             await asyncio.sleep(0.5 * (attempt + 1))
 
 
+def _to_502(e: HTTPException) -> HTTPException:
+    """A correction input that is too large only because of the policy's answer is the policy's fault: 502."""
+    if e.status_code == 413:
+        return HTTPException(502, f"the policy's answer does not fit the corrector: {e.detail}")
+    return e
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    """HTTP front: auth, validation and limits (cheap, no model), then calls into the model deployments."""
+    """HTTP front: auth, validation, limits and timeouts (cheap, no model), then calls into the model deployments."""
 
     def __init__(self, config: ServeConfig, corrector: DeploymentHandle, policy: DeploymentHandle | None,
                  token_sha256: str | None):
@@ -155,7 +209,10 @@ class Ingress:
         self.corrector = corrector
         self.policy_handle = policy
         self.openai = OpenAIPolicy(config.policy) if config.policy and config.policy.kind == "openai" else None
+        self.timeout = config.request_timeout_s
         app.state.settings = {"token_sha256": token_sha256, "max_body_bytes": config.limits.max_body_bytes}
+        if token_sha256 is None:
+            log.warning("serve.auth is `none`: this ingress accepts requests without a token")
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _check_sizes(self, question: str, objectives: list, answer: str = "") -> None:
@@ -181,11 +238,62 @@ class Ingress:
             raise HTTPException(e.status_code, str(e)) from None
         return prompt, params
 
-    async def _generate(self, prompt, params: GenerationParams) -> dict:
+    def _check_objectives(self, objectives: list) -> None:
         try:
-            return await _call(self.corrector.generate, prompt.prompt, params.__dict__)
+            self.prompter.objectives(_specs(objectives))
+        except CorrectionInputError as e:
+            raise HTTPException(e.status_code, str(e)) from None
+
+    async def _timed(self, coro):
+        """Await a model call within serve.request_timeout_s (over it: 503, and the call is cancelled)."""
+        try:
+            return await asyncio.wait_for(coro, self.timeout)
         except Exception as e:
-            raise _http_error(e) from None
+            raise _http_error(e, self.config.retry_after_s) from None
+
+    async def _generate(self, prompt, params: GenerationParams) -> dict:
+        return await self._timed(_call(self.corrector.generate, prompt.prompt, params.__dict__))
+
+    async def _open_stream(self, prompt, params: GenerationParams):
+        """The replica's chunk stream once it accepted the prompt (4xx/503 raised before any byte is sent)."""
+        chunks = self.corrector.options(stream=True).stream.remote(prompt.prompt, params.__dict__)
+        try:
+            await asyncio.wait_for(chunks.__anext__(), self.timeout)
+        except Exception as e:
+            chunks.cancel()
+            raise _http_error(e, self.config.retry_after_s) from None
+        return chunks
+
+    async def _chunks(self, chunks, deadline: float):
+        """The replica's chunks until the final one, within the request deadline; cancelled if the client leaves."""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(chunks.__anext__(), max(0.001, deadline - time.monotonic()))
+                yield chunk
+                if "generation" in chunk:
+                    return
+        except StopAsyncIteration:
+            return
+        finally:
+            chunks.cancel()  # no-op once finished; a dropped client or a timeout frees the replica's slot
+
+    async def _policy_answer(self, question: str | list[dict]) -> tuple[str, str, api.Usage]:
+        """(answer, policy model name, usage) from the configured policy; PolicyError etc. mapped to 5xx."""
+        if self.openai is not None:
+            coro = (self.openai.answer(question) if isinstance(question, str)
+                    else self.openai.answer_messages(question))
+            weak = await self._timed(coro)
+            return weak.text, weak.model, api.Usage(prompt_tokens=weak.prompt_tokens,
+                                                    completion_tokens=weak.completion_tokens)
+        pc = self.config.policy
+        g = await self._timed(_call(self.policy_handle.chat, question,
+                                    GenerationParams(pc.max_tokens, pc.temperature, 1.0).__dict__))
+        return g["text"], pc.model, api.Usage(prompt_tokens=g["prompt_tokens"], completion_tokens=g["completion_tokens"])
+
+    def _check_policy_answer(self, text: str) -> None:
+        if len(text) > self.limits.max_answer_chars:
+            raise HTTPException(502, f"the policy's answer is {len(text)} characters; the corrector's limit is "
+                                     f"{self.limits.max_answer_chars}")
 
     def _response(self, prompt, gen: dict, t0: float) -> api.CorrectResponse:
         return api.CorrectResponse(
@@ -219,24 +327,21 @@ class Ingress:
     @app.post("/v1/correct/stream")
     async def correct_stream(self, req: api.CorrectRequest) -> StreamingResponse:
         """Server-sent events: `data: {"delta": ...}` pieces, then `event: done` with the full response."""
-        t0 = time.perf_counter()
+        t0, deadline = time.perf_counter(), time.monotonic() + self.timeout
         prompt, params = self._prepare(req)
-        chunks = self.corrector.options(stream=True).stream.remote(prompt.prompt, params.__dict__)
-        try:
-            await chunks.__anext__()  # the replica accepted the prompt (or raised a 4xx/503 before any byte is sent)
-        except Exception as e:
-            raise _http_error(e) from None
+        chunks = await self._open_stream(prompt, params)
 
         async def events():
             try:
-                async for chunk in chunks:
+                async for chunk in self._chunks(chunks, deadline):
                     if "delta" in chunk:
                         yield f"data: {json.dumps({'delta': chunk['delta']})}\n\n"
                     else:
                         done = self._response(prompt, chunk["generation"], t0)
                         yield f"event: done\ndata: {done.model_dump_json()}\n\n"
-            except Exception as e:  # headers are sent: report in-band
-                yield f"event: error\ndata: {json.dumps({'detail': f'{type(_cause(e)).__name__}: {_cause(e)}'})}\n\n"
+            except Exception as e:  # headers are sent: report in-band, details to the logs
+                err = _http_error(e, self.config.retry_after_s)
+                yield f"event: error\ndata: {json.dumps({'detail': err.detail, 'status': err.status_code})}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -247,33 +352,80 @@ class Ingress:
         if self.openai is None and self.policy_handle is None:
             raise HTTPException(404, "no policy configured for /v1/align (serve.policy in the config)")
         self._check_sizes(req.question, req.objectives)
+        self._check_objectives(req.objectives)  # 422 before asking the policy
+        policy_text, policy_model, policy_usage = await self._policy_answer(req.question)
+        self._check_policy_answer(policy_text)
         try:
-            self.prompter.objectives(_specs(req.objectives))  # 422 before asking the policy
-        except CorrectionInputError as e:
-            raise HTTPException(e.status_code, str(e)) from None
-        try:
-            if self.openai is not None:
-                weak = await self.openai.answer(req.question)
-                policy_text, policy_model = weak.text, weak.model
-                policy_usage = api.Usage(prompt_tokens=weak.prompt_tokens, completion_tokens=weak.completion_tokens)
-            else:
-                pc = self.config.policy
-                g = await _call(self.policy_handle.chat, req.question,
-                                GenerationParams(pc.max_tokens, pc.temperature, 1.0).__dict__)
-                policy_text, policy_model = g["text"], pc.model
-                policy_usage = api.Usage(prompt_tokens=g["prompt_tokens"], completion_tokens=g["completion_tokens"])
-        except Exception as e:
-            raise _http_error(e) from None
-        prompt, params = self._prepare(api.CorrectRequest(
-            question=req.question, answer=policy_text or " ", objectives=req.objectives, template=req.template,
-            generation=req.generation))
-        gen = await self._generate(prompt, params)
+            prompt, params = self._prepare(api.CorrectRequest(
+                question=req.question, answer=policy_text or " ", objectives=req.objectives, template=req.template,
+                generation=req.generation))
+            gen = await self._generate(prompt, params)
+        except HTTPException as e:
+            raise _to_502(e) from None
         return api.AlignResponse(
             question=req.question, policy_answer=policy_text, correction=gen["text"], objectives=prompt.objectives,
             template=prompt.template, model=self.config.corrector.model, policy_model=policy_model,
             usage=api.AlignUsage(policy=policy_usage, corrector=api.Usage(
                 prompt_tokens=gen["prompt_tokens"], completion_tokens=gen["completion_tokens"])),
             latency_ms=(time.perf_counter() - t0) * 1000)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI-compatible: the corrected answer as the assistant's reply (see metaaligner.serving.openai_api)."""
+        deadline = time.monotonic() + self.timeout
+        req = openai_api.parse_request(await request.body())
+        profile = req.template or self.config.corrector.template
+        question, answer, chat = openai_api.split_conversation(req, profile)
+        objectives = req.objectives or self.prompter.objective_set.names
+        extra: dict = {}
+        completion = openai_api.Completion(self.config.served_model_name)
+        try:
+            self._check_sizes(question, list(req.objectives or []), answer or "")
+            self._check_objectives(objectives)
+            if answer is None:
+                if self.openai is None and self.policy_handle is None:
+                    raise openai_api.OpenAIError(
+                        400, "the conversation does not end with an assistant message (the answer to correct) and "
+                             "no policy is configured to answer it (serve.policy)", param="messages")
+                answer, _, policy_usage = await self._policy_answer(chat)
+                self._check_policy_answer(answer)
+                extra["policy_usage"] = {**policy_usage.model_dump(),
+                                         "total_tokens": policy_usage.prompt_tokens + policy_usage.completion_tokens}
+            try:
+                prompt, params = self._prepare(api.CorrectRequest.model_construct(
+                    question=question, answer=answer, objectives=objectives, template=profile, condition=None,
+                    generation=api.GenerationOptions(**openai_api.generation_overrides(req))))
+                if not req.stream:
+                    return JSONResponse(completion.response(await self._generate(prompt, params), extra))
+                chunks = await self._open_stream(prompt, params)
+            except HTTPException as e:
+                raise (_to_502(e) if "policy_usage" in extra else e) from None
+        except HTTPException as e:
+            raise openai_api.from_status(e.status_code, str(e.detail), e.headers) from None
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events():
+            yield completion.chunk({"role": "assistant", "content": ""})
+            try:
+                async for chunk in self._chunks(chunks, deadline):
+                    if "delta" in chunk:
+                        yield completion.chunk({"content": chunk["delta"]})
+                    else:
+                        gen = chunk["generation"]
+                        yield completion.chunk({}, gen["finish_reason"])
+                        if include_usage:
+                            yield completion.usage_chunk(gen, extra)
+            except Exception as e:  # headers are sent: an in-band OpenAI error, details to the logs
+                err = openai_api.from_status((h := _http_error(e, self.config.retry_after_s)).status_code, h.detail)
+                yield openai_api.sse_error(err.message, err.type, err.code)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.config.served_model_name, "object": "model", "created": 0,
+                                            "owned_by": "metaaligner"}]}
 
     @app.get("/v1/objectives", response_model=api.ObjectivesResponse)
     async def objectives(self) -> api.ObjectivesResponse:
@@ -284,19 +436,18 @@ class Ingress:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
-        """Batching metrics of one corrector replica (the one this call is routed to)."""
-        try:
-            return await _call(self.corrector.stats)
-        except Exception as e:
-            raise _http_error(e) from None
+        """Engine metrics of one corrector replica (the one this call is routed to)."""
+        return await self._timed(_call(self.corrector.stats))
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.config.corrector.model}
+        return {"status": "ok"}
 
 
 def build(config: ServeConfig, storage: StorageConfig | None = None):
-    """The Serve application (Ingress -> Model [-> policy Model]) with the deployment options from the config."""
+    """The Serve application (Ingress -> Model [-> policy Model]) with the deployment options from the config.
+    Fails closed: with serve.auth: token and no token in the named variable, raises AuthConfigError."""
+    token = resolve_token(config)
     storage = storage or StorageConfig()
     a = config.autoscaling
     corrector = ModelServer.options(
@@ -307,20 +458,25 @@ def build(config: ServeConfig, storage: StorageConfig | None = None):
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
-    ).bind(config.corrector, storage, config.max_batch_size, config.batch_wait_timeout_s)
+    ).bind(config.corrector, storage, config.max_batch_size, config.batch_wait_timeout_s, None,
+           config.max_ongoing_requests, config.health_check_timeout_s)
     policy = None
     if config.policy is not None and config.policy.kind == "local":
         pc = config.policy
         policy_model = CorrectorConfig(model=pc.model, generation=GenerationConfig(
-            max_new_tokens=pc.max_tokens, max_new_tokens_limit=pc.max_tokens), cache_dir=config.corrector.cache_dir)
+            max_new_tokens=pc.max_tokens, max_new_tokens_limit=pc.max_tokens), cache_dir=config.corrector.cache_dir,
+            engine=config.corrector.engine, hf=config.corrector.hf)
         policy = ModelServer.options(
             name="Policy", num_replicas=1, max_ongoing_requests=config.max_ongoing_requests,
             max_queued_requests=config.max_queued_requests,
             ray_actor_options={"num_cpus": pc.num_cpus, "num_gpus": pc.num_gpus},
-        ).bind(policy_model, storage, config.max_batch_size, config.batch_wait_timeout_s, pc.system_prompt)
-    token = os.environ.get(config.auth_token_env, "") if config.auth_token_env else ""
+            health_check_period_s=config.health_check_period_s,
+            health_check_timeout_s=config.health_check_timeout_s,
+        ).bind(policy_model, storage, config.max_batch_size, config.batch_wait_timeout_s, pc.system_prompt,
+               config.max_ongoing_requests, config.health_check_timeout_s)
     return Ingress.options(
         num_replicas=config.ingress_replicas, max_ongoing_requests=config.ingress_max_ongoing_requests,
+        max_queued_requests=config.ingress_max_queued_requests,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
     ).bind(config, corrector, policy, hashlib.sha256(token.encode()).hexdigest() if token else None)
 
@@ -343,6 +499,8 @@ def serve_forever(config: ServeConfig, storage: StorageConfig | None = None) -> 
     """Start Serve on config.host:port (local Ray, or RAY_ADDRESS) and block until Ctrl-C or SIGTERM."""
     import signal
 
+    resolve_token(config)  # fail closed before starting anything
+
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
@@ -353,8 +511,9 @@ def serve_forever(config: ServeConfig, storage: StorageConfig | None = None) -> 
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build(config, storage), name=config.app_name, route_prefix=config.route_prefix)
-        print(f"serving {config.corrector.model} at http://{config.host}:{config.port}"
-              f"{config.route_prefix.rstrip('/')}/v1/correct (Ctrl-C stops)", flush=True)
+        print(f"serving the corrector (engine {config.corrector.engine}, auth {config.auth}) at "
+              f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}/v1/correct and "
+              "/v1/chat/completions (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -1,10 +1,17 @@
-"""Offline batch correction on Ray Data: an actor pool of Correctors over Parquet/JSONL, writing Parquet."""
+"""Offline batch correction on Ray Data: an actor pool of Correctors over Parquet/JSONL/CSV, writing Parquet.
+
+Every input column is kept; `correction` and its status columns are added (`OUTPUT_COLUMNS`). A row that cannot
+be corrected gets `error` and stays in the output; a prompt over the model's limit follows `on_too_long` and is
+flagged `too_long`. One row never fails the job; more than `max_bad_fraction` rows in error do, before commit.
+The output is committed atomically (metaaligner.outputs): a failed run leaves the previous output as it was.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,14 +19,19 @@ import pyarrow.parquet as pq
 
 from metaaligner import storage as st
 from metaaligner.config import StorageConfig
+from metaaligner.data.bad_rows import check_bad_fraction
+from metaaligner.data.row_ids import add_content_ids, unique_content_ids
+from metaaligner.outputs import StagedOutput, check_separate
 from metaaligner.serving.config import CorrectConfig
-from metaaligner.serving.corrector import CorrectionInputError, GenerationParams, Prompter
+from metaaligner.serving.corrector import CorrectionInputError, GenerationParams, InputTooLong, Prompter
 
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = {"correction": pa.string(), "objectives_used": pa.list_(pa.string()), "template_used": pa.string(),
                   "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(), "finish_reason": pa.string(),
-                  "error": pa.string()}
+                  "too_long": pa.bool_(), "error": pa.string()}
+OBJECTIVES_COLUMN, TEMPLATE_COLUMN = "objectives", "template"  # optional per-row settings
+KEPT_ORIGINAL = "too_long"  # finish_reason of a row whose correction is its untouched answer (on_too_long=original)
 
 
 def _row_objectives(value, default: list) -> list:
@@ -31,93 +43,180 @@ def _row_objectives(value, default: list) -> list:
     return list(value)
 
 
+def input_limit(encoder, max_new_tokens: int) -> int:
+    """Prompt tokens that fit: the context minus the new tokens, and at most max_input_tokens."""
+    limit = encoder.context_length - max_new_tokens
+    return limit if encoder.max_input_tokens is None else min(limit, encoder.max_input_tokens)
+
+
+def truncate_answer(tokenizer, prompt: str, answer: str, limit: int) -> list[int] | None:
+    """Prompt ids with the answer's tail cut so that they fit `limit`, the objectives, question and the rest of
+    the template kept whole (training's truncation policy); None when even an empty answer does not fit."""
+    cut = prompt.rfind(answer) if answer else -1
+    if cut < 0:
+        return None
+    head = tokenizer(prompt[:cut])["input_ids"]
+    body = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(prompt[cut + len(answer):], add_special_tokens=False)["input_ids"]
+    budget = limit - len(head) - len(tail)
+    return None if budget < 0 else head + body[:budget] + tail
+
+
 class CorrectorActor:
-    """One Corrector per actor; each batch is one left-padded generate call. Bad rows get `error`, not dropped."""
+    """One Corrector per actor; each batch is one generate call. Bad rows get `error`, not dropped."""
 
     def __init__(self, config: CorrectConfig, storage: StorageConfig):
         from metaaligner.serving.corrector import Corrector
 
+        self.config = config
         self.corrector = Corrector(config, storage)
         self.params = GenerationParams.resolve(None, config.generation)
         self.default = list(config.default_objectives) or self.corrector.prompter.objective_set.names
 
+    def _encode(self, prompt: str, answer: str) -> tuple[list[int] | None, bool]:
+        """(prompt ids, too long?) following on_too_long over the limit: ids None = keep the original answer;
+        InputTooLong for `error`, or when truncating cannot make it fit."""
+        try:
+            return self.corrector.encode(prompt, self.params.max_new_tokens), False
+        except InputTooLong as e:
+            if self.config.on_too_long == "original":
+                return None, True
+            if self.config.on_too_long == "truncate":
+                encoder = self.corrector.engine.encoder
+                ids = truncate_answer(encoder.tokenizer, prompt, answer,
+                                      input_limit(encoder, self.params.max_new_tokens))
+                if ids is not None:
+                    return ids, True
+                raise InputTooLong(f"{e}; it does not fit even with the whole answer cut") from e
+            raise
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        cfg = self.config
         n = batch.num_rows
         cols = {k: [None] * n for k in OUTPUT_COLUMNS}
-        objectives = batch.column("objectives").to_pylist() if "objectives" in batch.column_names else [None] * n
-        templates = batch.column("template").to_pylist() if "template" in batch.column_names else [None] * n
+        cols["too_long"] = [False] * n
+        names = batch.column_names
+        objectives = batch.column(OBJECTIVES_COLUMN).to_pylist() if OBJECTIVES_COLUMN in names else [None] * n
+        templates = batch.column(TEMPLATE_COLUMN).to_pylist() if TEMPLATE_COLUMN in names else [None] * n
+        questions = batch.column(cfg.question_column).to_pylist()
+        answers = batch.column(cfg.answer_column).to_pylist()
         ok, ids = [], []
-        for i, (q, a) in enumerate(zip(batch.column("question").to_pylist(), batch.column("answer").to_pylist())):
+        for i, (q, a) in enumerate(zip(questions, answers)):
             try:
                 if not isinstance(q, str) or not q or not isinstance(a, str):
-                    raise CorrectionInputError("question must be a non-empty string and answer a string")
+                    raise CorrectionInputError(f"{cfg.question_column!r} must be a non-empty string and "
+                                               f"{cfg.answer_column!r} a string")
                 p = self.corrector.prompter.build(q, a, _row_objectives(objectives[i], self.default), templates[i])
-                ids.append(self.corrector.generator.encode(p.prompt, self.params.max_new_tokens))
-                ok.append(i)
                 cols["objectives_used"][i], cols["template_used"][i] = p.objectives, p.template
+                row_ids, cols["too_long"][i] = self._encode(p.prompt, a)
+                if row_ids is None:
+                    cols["correction"][i], cols["finish_reason"][i], cols["completion_tokens"][i] = a, KEPT_ORIGINAL, 0
+                    continue
+                ids.append(row_ids)
+                ok.append(i)
+            except InputTooLong as e:
+                cols["too_long"][i], cols["error"][i] = True, f"{type(e).__name__}: {e}"
             except (CorrectionInputError, ValueError, TypeError) as e:
                 cols["error"][i] = f"{type(e).__name__}: {e}"
-        for i, g in zip(ok, self.corrector.generator.generate(ids, [self.params] * len(ids)) if ids else []):
+        for i, g in zip(ok, self.corrector.generate(ids, [self.params] * len(ids)) if ids else []):
             cols["correction"][i], cols["finish_reason"][i] = g.text, g.finish_reason
             cols["prompt_tokens"][i], cols["completion_tokens"][i] = g.prompt_tokens, g.completion_tokens
         for name, typ in OUTPUT_COLUMNS.items():
-            if name in batch.column_names:
-                batch = batch.drop_columns([name])
             batch = batch.append_column(pa.field(name, typ), pa.array(cols[name], type=typ))
         return batch
 
 
 def _read(cfg: CorrectConfig, storage: StorageConfig):
+    """(dataset, files, kind); CSV with every column as text (quoted cells may span lines)."""
     import ray
 
     from metaaligner.data.readers import discover
+    from metaaligner.data.text_csv import read_text_csv
 
-    kind, files = discover(cfg.input, storage, ("parquet", "jsonl"))
+    kind, files = discover(cfg.input, storage, ("parquet", "jsonl", "csv"))
     fs, _ = st.filesystem(cfg.input, storage)
     if kind == "parquet":
         ds = ray.data.read_parquet(files, filesystem=fs)
+    elif kind == "csv":
+        ds = read_text_csv(files, fs)
     else:
         ds = ray.data.read_json(files, filesystem=fs)
     names = ds.schema().names
-    missing = [c for c in ("question", "answer") if c not in names]
+    missing = [c for c in (cfg.question_column, cfg.answer_column) if c not in names]
     if missing:
-        raise ValueError(f"{cfg.input}: missing columns {missing} (have {names})")
-    return ds, len(files), kind
+        raise ValueError(f"{cfg.input}: missing columns {missing} (have {names}); set correct.question_column / "
+                         "answer_column to the input's column names")
+    taken = [c for c in OUTPUT_COLUMNS if c in names]
+    if taken:
+        raise ValueError(f"{cfg.input}: input columns {taken} collide with the columns correction adds "
+                         f"({list(OUTPUT_COLUMNS)}); rename them")
+    return ds, len(files), kind, cfg.id_column in names
 
 
-def run_correction(cfg: CorrectConfig, storage: StorageConfig) -> dict:
-    """Correct every row of the input; writes Parquet + `_summary.json` under cfg.output and returns the summary."""
-    started = time.perf_counter()
-    prompter = Prompter(cfg)  # fail fast on settings (objective set, default objectives) before any worker starts
-    if cfg.default_objectives:
-        prompter.objectives(cfg.default_objectives)
-    GenerationParams.resolve(None, cfg.generation)
-    for uri in (cfg.input, cfg.output):
-        st.check_bucket(uri, storage)
-    if not st.is_s3(cfg.model):
-        from metaaligner.modeling import check_model_folder
-
-        check_model_folder(cfg.model)
-    ds, n_files, kind = _read(cfg, storage)
-    out_fs, out_path = st.filesystem(cfg.output, storage)
-    st.delete_dir(cfg.output, storage)  # a rerun replaces the previous output
-    log.info("correcting %s (%d %s files) with %s -> %s", cfg.input, n_files, kind, cfg.model, cfg.output)
-    ds = ds.map_batches(CorrectorActor, fn_constructor_kwargs={"config": cfg, "storage": storage},
-                        batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.concurrency,
-                        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-    ds.write_parquet(out_path, filesystem=out_fs)
-    table = pq.read_table(out_path, filesystem=out_fs, columns=["error", "completion_tokens", "prompt_tokens"])
-    wall = time.perf_counter() - started
-    errors = table.column("error").drop_null()
+def _summarize(cfg: CorrectConfig, table: pa.Table, n_files: int, kind: str, renumbered: int, wall: float) -> dict:
+    errors = [e for e in table.column("error").to_pylist() if e is not None]
     completion = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
-    summary = {
+    kept = int(pc.sum(pc.equal(table.column("finish_reason"), KEPT_ORIGINAL)).as_py() or 0)
+    return {
         "input": cfg.input, "output": cfg.output, "model": cfg.model, "input_files": n_files, "input_format": kind,
-        "rows": table.num_rows, "corrected": table.num_rows - len(errors), "errors": len(errors),
+        "rows": table.num_rows, "corrected": table.num_rows - len(errors) - kept, "errors": len(errors),
+        "errors_by_reason": dict(Counter(e.split(":", 1)[0] for e in errors)),
+        "too_long": int(pc.sum(table.column("too_long")).as_py() or 0), "kept_original": kept,
+        "on_too_long": cfg.on_too_long, "duplicate_rows_renumbered": renumbered,
         "prompt_tokens": int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
         "completion_tokens": completion, "wall_time_s": round(wall, 3),
         "rows_per_s": round(table.num_rows / wall, 3), "generated_tokens_per_s": round(completion / wall, 3),
         "concurrency": cfg.concurrency, "batch_size": cfg.batch_size,
         "generation": GenerationParams.resolve(None, cfg.generation).__dict__,
     }
-    st.write_json(st.join(cfg.output, "_summary.json"), summary, storage)
+
+
+def _check_errors(cfg: CorrectConfig, table: pa.Table) -> None:
+    reasons, examples = Counter(), {}
+    for rid, error in zip(table.column(cfg.id_column).to_pylist(), table.column("error").to_pylist()):
+        if error is not None:
+            reason = error.split(":", 1)[0]
+            reasons[reason] += 1
+            examples.setdefault(reason, f"id {rid}: {error[:300]}")
+    check_bad_fraction("correct", reasons, examples, table.num_rows, cfg.max_bad_fraction,
+                       f"check that correct.question_column={cfg.question_column!r} and "
+                       f"answer_column={cfg.answer_column!r} name the input's columns, that row objectives belong "
+                       f"to the set {cfg.objectives!r}, and on_too_long={cfg.on_too_long!r}")
+
+
+def run_correction(cfg: CorrectConfig, storage: StorageConfig) -> dict:
+    """Correct every row of the input; commits Parquet + `_summary.json` to cfg.output and returns the summary."""
+    started = time.perf_counter()
+    prompter = Prompter(cfg)  # fail fast on settings (objective set, default objectives) before any worker starts
+    if cfg.default_objectives:
+        prompter.objectives(cfg.default_objectives)
+    GenerationParams.resolve(None, cfg.generation)
+    check_separate(cfg.input, cfg.output)
+    for uri in (cfg.input, cfg.output):
+        st.check_bucket(uri, storage)
+    if not st.is_s3(cfg.model):
+        from metaaligner.modeling import check_model_folder
+
+        check_model_folder(cfg.model)
+    ds, n_files, kind, has_id = _read(cfg, storage)
+    renumbered = 0
+    if not has_id:
+        ds = ds.map_batches(add_content_ids, batch_format="pyarrow", fn_kwargs={"column": cfg.id_column})
+        ds, renumbered = unique_content_ids(ds.materialize(), cfg.id_column)
+    out = StagedOutput(cfg.output, job="correct", storage=storage)
+    log.info("correcting %s (%d %s files) with %s -> %s (staging %s)", cfg.input, n_files, kind, cfg.model,
+             cfg.output, out.staging_uri)
+    try:
+        ds = ds.map_batches(CorrectorActor, fn_constructor_kwargs={"config": cfg, "storage": storage},
+                            batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.concurrency,
+                            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        fs, root = out.filesystem()
+        ds.write_parquet(root, filesystem=fs)
+        table = pq.read_table(root, filesystem=fs, columns=[cfg.id_column, "error", "completion_tokens",
+                                                             "prompt_tokens", "finish_reason", "too_long"])
+        _check_errors(cfg, table)
+    except Exception as e:
+        raise out.fail(e) from e
+    summary = _summarize(cfg, table, n_files, kind, renumbered, time.perf_counter() - started)
+    out.commit(summary)
     return summary

@@ -26,8 +26,31 @@ class GenerationConfig(Section):
         return self
 
 
+class HFEngineConfig(Section):
+    """engine `hf`: transformers continuous batching over a paged KV cache (one scheduler, no lock)."""
+
+    page_size: int = Field(256, ge=4, description="tokens per KV-cache page")
+    kv_cache_blocks: int | None = Field(
+        None, ge=1, description="KV-cache pages (None: on GPU from free memory x kv_cache_memory_fraction; on CPU "
+        "enough for max_running_requests full contexts)")
+    kv_cache_memory_fraction: float | None = Field(None, gt=0, le=0.95, description="GPU: share of free memory for the KV cache (None: transformers' default)")
+    max_batch_tokens: int | None = Field(None, ge=16, description="tokens in one forward step (None: 8192 on GPU, 512 on CPU)")
+    max_running_requests: int = Field(64, ge=1, description="requests decoded together in one step")
+    seed: int | None = Field(None, description="sampling seed (None: random)")
+
+
+class VLLMEngineConfig(Section):
+    """engine `vllm` (experimental): vLLM's AsyncLLM from the ray[llm]==2.60.0 extra, imported lazily."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=0.98)
+    max_num_seqs: int = Field(256, ge=1)
+    max_model_len: int | None = Field(None, ge=16, description="None: the model's context length")
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = False
+
+
 class CorrectorConfig(Section):
-    """Which corrector model to load and how prompts are built for it."""
+    """Which corrector model to load, how prompts are built for it and which engine generates."""
 
     model: str = Field(description="HF model folder: local path or s3://bucket/prefix (copied to cache_dir)")
     template: TemplateName = Field("paper", description="prompt profile; released checkpoints use their own")
@@ -42,6 +65,11 @@ class CorrectorConfig(Section):
     compile: bool = Field(False, description="torch.compile the forward pass when static_cache is on")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="pad prompts to this length multiple (fewer compiled shapes)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    engine: Literal["hf", "hf_static", "vllm"] = Field(
+        "hf", description="hf: continuous batching (default); hf_static: one generate per batch (the old path, for "
+        "comparison); vllm: experimental, needs vLLM and a GPU")
+    hf: HFEngineConfig = Field(default_factory=HFEngineConfig)
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
 
 
 class AutoscalingSection(Section):
@@ -111,33 +139,66 @@ class ServeConfig(Section):
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0)
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="HTTP requests in flight per ingress replica")
-    health_check_period_s: float = Field(5.0, gt=0)
+    ingress_max_queued_requests: int = Field(512, ge=-1, description="per proxy; over it requests get 503 (-1: unbounded)")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="per request, streams included; over it: 503 with Retry-After (or an SSE error "
+        "event once a stream started) and the generation is cancelled")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of every 503")
+    health_check_period_s: float = Field(5.0, gt=0, description="each check runs a one-token generation")
     health_check_timeout_s: float = Field(30.0, gt=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    auth_token_env: str | None = Field(None, description="env var with the bearer token; unset/empty: no auth")
+    auth: Literal["token", "none"] = Field(
+        "token", description="token: every route but /healthz needs `Authorization: Bearer <token>` and the app "
+        "refuses to start without the token; none: open API (loopback demos)")
+    auth_token_env: str | None = Field(None, description="env var holding the bearer token (required with auth: token)")
     policy: PolicyConfig | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
     app_name: str = "metaaligner"
+    served_model_name: str = Field("metaaligner", description="the `model` that /v1/chat/completions and /v1/models report")
 
     @model_validator(mode="after")
     def _batch_fits(self):
-        if self.max_queued_requests == 0:
-            raise ValueError("max_queued_requests must be -1 (unbounded) or >= 1")
+        if self.max_queued_requests == 0 or self.ingress_max_queued_requests == 0:
+            raise ValueError("max_queued_requests and ingress_max_queued_requests must be -1 (unbounded) or >= 1")
+        if self.auth == "token" and not self.auth_token_env:
+            raise ValueError("serve.auth is `token` but serve.auth_token_env is not set: name the environment variable "
+                             "that holds the bearer token, or set serve.auth: none for an open API (loopback only)")
+        if self.auth == "none" and self.auth_token_env:
+            raise ValueError(f"serve.auth is `none` but serve.auth_token_env is {self.auth_token_env!r}: "
+                             "use auth: token to require that token, or remove auth_token_env")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError("max_batch_size cannot exceed max_ongoing_requests (a batch never fills)")
         return self
 
 
 class CorrectConfig(CorrectorConfig):
-    """Offline batch correction on Ray Data (`metaaligner correct`)."""
+    """Offline batch correction on Ray Data (`metaaligner correct`): every input column is kept and `correction`
+    plus its status columns are added."""
 
-    input: str = Field(description="Parquet/JSONL file or folder, local or s3://")
-    output: str = Field(description="output folder, local or s3://; Parquet + _summary.json")
+    input: str = Field(description="Parquet, JSONL or CSV file or folder, local or s3://")
+    output: str = Field(description="output folder, local or s3://; Parquet + _summary.json, committed atomically")
+    question_column: str = Field("question", min_length=1, description="column with the question (query)")
+    answer_column: str = Field("answer", min_length=1, description="column with the answer to correct")
+    id_column: str = Field("id", min_length=1, description="row id column; when the input has none it is added: a "
+                           "digest of the row's content (identical rows get #2, #3, ...)")
     default_objectives: list[str] = Field(
         default_factory=list, description="objective names for rows without an `objectives` column value (empty: whole set)")
+    on_too_long: Literal["original", "truncate", "error"] = Field(
+        "original", description="a prompt over the model's limit: original = the correction is the untouched answer; "
+        "truncate = cut the answer's tail to fit (as training does); error = an error for that row. Either way the "
+        "row's `too_long` is true and the job goes on")
+    max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of rows in error above which the job "
+                                    "exits non-zero without committing (the staged output stays readable)")
     batch_size: int = Field(16, ge=1, description="rows per generate call")
     concurrency: int = Field(1, ge=1, description="corrector actors in the pool")
     num_cpus: float = Field(1.0, ge=0, description="per corrector actor")
     num_gpus: float = Field(0.0, ge=0, description="per corrector actor")
+
+    @model_validator(mode="after")
+    def _distinct_columns(self):
+        columns = [self.id_column, self.question_column, self.answer_column]
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"correct: id_column, question_column and answer_column must differ, got {columns}")
+        return self

@@ -115,6 +115,51 @@ class Prompter:
         return CorrectionPrompt(text, [o.name for o in objs], profile, cond)
 
 
+class PromptEncoder:
+    """A tokenizer and the context limits: prompt -> token ids (413 over the limit), new token ids -> Generation."""
+
+    def __init__(self, tokenizer, context_length: int, max_input_tokens: int | None = None):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.max_input_tokens = max_input_tokens
+
+    def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """Token ids of the prompt, or InputTooLong stating the limit."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        limit = self.context_length - max_new_tokens
+        if self.max_input_tokens is not None:
+            limit = min(limit, self.max_input_tokens)
+        if len(ids) > limit:
+            raise InputTooLong(f"prompt is {len(ids)} tokens; the limit is {limit} "
+                               f"(context {self.context_length}, max_new_tokens {max_new_tokens})")
+        return ids
+
+    def generation(self, new: list[int], prompt_tokens: int) -> Generation:
+        """New tokens up to and including EOS (the rest is padding) -> text and usage."""
+        eos = self.tokenizer.eos_token_id
+        stop = eos in new
+        if stop:
+            new = new[: new.index(eos) + 1]
+        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Generation(text, prompt_tokens, len(new), "stop" if stop else "length")
+
+
+class IncrementalDetokenizer:
+    """Text deltas of a growing token list, never splitting a multi-byte character (a window, not a full re-decode)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.prefix = self.read = 0
+
+    def delta(self, tokens: Sequence[int]) -> str:
+        before = self.tokenizer.decode(tokens[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(tokens[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(tokens)
+            return after[len(before):]
+        return ""
+
+
 class TextGenerator:
     """A causal LM and its tokenizer: batched, left-padded generation returning only the new text."""
 
@@ -134,18 +179,12 @@ class TextGenerator:
         self.tokenizer = load_tokenizer(self.folder, trust_remote_code=config.trust_remote_code, padding_side="left")
         self.model = load_model(self.folder, trust_remote_code=config.trust_remote_code, dtype=dtype, device=device).eval()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        self.encoder = PromptEncoder(self.tokenizer, self.context_length, config.max_input_tokens)
         self._lock = threading.Lock()  # one generate at a time per model (batch thread vs stream thread)
 
     def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
         """Token ids of the prompt, or InputTooLong stating the limit."""
-        ids = self.tokenizer(prompt)["input_ids"]
-        limit = self.context_length - max_new_tokens
-        if self.config.max_input_tokens is not None:
-            limit = min(limit, self.config.max_input_tokens)
-        if len(ids) > limit:
-            raise InputTooLong(f"prompt is {len(ids)} tokens; the limit is {limit} "
-                               f"(context {self.context_length}, max_new_tokens {max_new_tokens})")
-        return ids
+        return self.encoder.encode(prompt, max_new_tokens)
 
     def _kwargs(self, params: GenerationParams, max_new_tokens: int) -> dict:
         kw = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
@@ -182,18 +221,17 @@ class TextGenerator:
         return out  # type: ignore[return-value]
 
     def _decode(self, new: list[int], prompt_tokens: int) -> Generation:
-        """New tokens up to and including EOS (the rest is padding) -> text and usage."""
-        eos = self.tokenizer.eos_token_id
-        stop = eos in new
-        if stop:
-            new = new[: new.index(eos) + 1]
-        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Generation(text, prompt_tokens, len(new), "stop" if stop else "length")
+        return self.encoder.generation(new, prompt_tokens)
 
-    def stream(self, ids: list[int], params: GenerationParams) -> Iterator[str | Generation]:
-        """Text pieces as they are generated, then the final Generation."""
+    def stream(self, ids: list[int], params: GenerationParams,
+               cancelled: threading.Event | None = None) -> Iterator[str | Generation]:
+        """Text pieces as they are generated, then the final Generation; setting `cancelled` stops the generation."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), bool(cancelled and cancelled.is_set()), dtype=torch.bool)
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         inputs = self._inputs([ids])
@@ -202,7 +240,8 @@ class TextGenerator:
         def run():
             try:
                 with self._lock, torch.inference_mode():
-                    seqs = self.model.generate(**inputs, streamer=streamer, **self._kwargs(params, params.max_new_tokens))
+                    seqs = self.model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList(
+                        [_Cancelled()]), **self._kwargs(params, params.max_new_tokens))
                 result.append(self._decode(seqs[0, inputs["input_ids"].shape[1]:].tolist(), len(ids)))
             except BaseException as e:  # surfaced in the consumer
                 result.append(e)
@@ -220,23 +259,48 @@ class TextGenerator:
 
 
 class Corrector:
-    """Library entry point: correct (question, answer) pairs for objectives with a MetaAligner model."""
+    """Library entry point: correct (question, answer) pairs for objectives with a MetaAligner model.
+
+    Generation goes through the engine named by `config.engine` (created on first use; `close()` stops it)."""
 
     def __init__(self, config: CorrectorConfig, storage: StorageConfig | None = None):
         self.config = config
         self.prompter = Prompter(config)
-        self.generator = TextGenerator(config, storage)
+        self.generator = TextGenerator(config, storage) if config.engine != "vllm" else None
+        self._storage = storage
+        self._engine = None
 
     @property
     def model_name(self) -> str:
         return self.config.model
 
+    @property
+    def engine(self):
+        if self._engine is None:
+            from metaaligner.serving.engines import create_engine
+
+            self._engine = create_engine(self.config, self._storage, generator=self.generator)
+        return self._engine
+
+    def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """Prompt -> token ids, InputTooLong (413) over the limit."""
+        return self.engine.encode(prompt, max_new_tokens)
+
+    def generate(self, batch_ids: Sequence[list[int]], params: Sequence[GenerationParams]) -> list[Generation]:
+        """Synchronous batch through the engine: submit every item, gather the results in order."""
+        return self.engine.generate_batch(batch_ids, params)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
     def correct(self, items: Sequence[Mapping], generation: Mapping | None = None) -> list[dict]:
         """items: {question, answer, objectives, template?}; returns {correction, objectives, template, usage}."""
         params = GenerationParams.resolve(generation, self.config.generation)
         prompts = [self.prompter.build(it["question"], it["answer"], it["objectives"], it.get("template")) for it in items]
-        ids = [self.generator.encode(p.prompt, params.max_new_tokens) for p in prompts]
-        gens = self.generator.generate(ids, [params] * len(ids))
+        ids = [self.encode(p.prompt, params.max_new_tokens) for p in prompts]
+        gens = self.generate(ids, [params] * len(ids))
         return [{"correction": g.text, "objectives": p.objectives, "template": p.template, "finish_reason": g.finish_reason,
                  "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}}
                 for p, g in zip(prompts, gens)]

@@ -9,7 +9,12 @@ from metaaligner.serving.config import PolicyConfig
 
 
 class PolicyError(RuntimeError):
-    """The policy model could not answer (answered as 502 by the API)."""
+    """The policy model could not answer (a 502). str() is safe to show a client; `detail` (URLs, upstream text)
+    goes to the logs only."""
+
+    def __init__(self, public: str, detail: str = ""):
+        super().__init__(public)
+        self.detail = detail or public
 
 
 @dataclass
@@ -38,31 +43,46 @@ class OpenAIPolicy:
         self._client = httpx.AsyncClient(base_url=config.base_url.rstrip("/"), headers=headers, timeout=config.timeout_s)
 
     async def answer(self, question: str) -> PolicyAnswer:
+        return await self.answer_messages(chat_messages(question, self.config.system_prompt))
+
+    async def answer_messages(self, messages: list[dict]) -> PolicyAnswer:
+        """The policy's reply to a chat; the configured system prompt goes first unless the chat has its own."""
         import httpx
 
-        body = {"model": self.config.model, "messages": chat_messages(question, self.config.system_prompt),
+        if self.config.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
+        body = {"model": self.config.model, "messages": messages,
                 "max_tokens": self.config.max_tokens, "temperature": self.config.temperature}
+        where = f"policy at {self.config.base_url}"
         try:
             r = await self._client.post("/chat/completions", json=body)
         except httpx.HTTPError as e:
-            raise PolicyError(f"policy at {self.config.base_url} unreachable: {type(e).__name__}: {e}") from None
+            raise PolicyError(f"the policy model is unreachable ({type(e).__name__})",
+                              f"{where} unreachable: {type(e).__name__}: {e}") from None
         if r.status_code != 200:
-            raise PolicyError(f"policy at {self.config.base_url} answered {r.status_code}: {r.text[:200]}")
+            raise PolicyError(f"the policy model answered HTTP {r.status_code}",
+                              f"{where} answered {r.status_code}: {r.text[:500]}")
         try:
             data = r.json()
             text = data["choices"][0]["message"]["content"]
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError):
-            raise PolicyError(f"policy at {self.config.base_url} sent no choices[0].message.content") from None
+            raise PolicyError("the policy model sent no answer text",
+                              f"{where} sent no choices[0].message.content: {r.text[:500]}") from None
         if not isinstance(text, str) or not text.strip():
-            raise PolicyError("policy returned an empty answer")
+            raise PolicyError("the policy model returned an empty answer")
         return PolicyAnswer(text, str(data.get("model") or self.config.model), int(usage.get("prompt_tokens") or 0),
                             int(usage.get("completion_tokens") or 0))
 
 
-def chat_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
-    """The tokenizer's chat template when it has one, else the plain question (base models)."""
+def chat_prompt(tokenizer, question: str | list[dict], system_prompt: str | None) -> str:
+    """A question or a chat as the policy's prompt: the tokenizer's chat template when it has one, else plain text
+    (base models). The configured system prompt goes first unless the chat has its own."""
+    messages = chat_messages(question, None) if isinstance(question, str) else list(question)
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(chat_messages(question, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
-    return f"{system_prompt}\n\n{question}" if system_prompt else question
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if len(messages) <= 2 and all(m["role"] in ("system", "user") for m in messages):
+        return "\n\n".join(m["content"] for m in messages)
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"

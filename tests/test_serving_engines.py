@@ -1,0 +1,156 @@
+"""The engine seam (no Ray): one contract for `hf` (continuous batching) and `hf_static`, and for `vllm` where it
+imports with a GPU; greedy equality of hf and hf_static; cancellation; failure mapping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from metaaligner.serving.config import CorrectorConfig
+from metaaligner.serving.corrector import Generation, GenerationParams, InputTooLong, Prompter
+from metaaligner.serving.engines import EngineOverloaded, create_engine, failure, is_out_of_memory
+from metaaligner.serving.engines.vllm import vllm_available
+
+GREEDY = GenerationParams(12, 0.0, 1.0)
+
+
+def _config(model, engine: str) -> CorrectorConfig:
+    return CorrectorConfig(model=str(model), engine=engine, hf={"page_size": 64},
+                           generation={"max_new_tokens": 12, "max_new_tokens_limit": 900})
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir):
+    from metaaligner.serving.corrector import TextGenerator
+
+    return TextGenerator(_config(tiny_model_dir, "hf"))
+
+
+ENGINES = ["hf", "hf_static", pytest.param("vllm", marks=pytest.mark.skipif(
+    not vllm_available(), reason="vLLM with a GPU is not available here (see docs/serving.md)"))]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, tiny_model_dir, generator):
+    e = create_engine(_config(tiny_model_dir, request.param), generator=None if request.param == "vllm" else generator,
+                      max_batch_size=8, batch_wait_timeout_s=0.01)
+    yield e
+    e.close()
+
+
+def _prompts(n: int) -> list[str]:
+    p = Prompter(CorrectorConfig(model="unused"))
+    return [p.build(f"Question {i}: what about {'a' * (i % 9)}?", f"Answer {i}. " * (1 + i % 6),
+                    ["Honesty", "Helpfulness"][: 1 + i % 2]).prompt for i in range(n)]
+
+
+def test_contract_result_stream_cancel_stats(engine):
+    ids = [engine.encode(p, 200) for p in _prompts(6)]
+
+    async def scenario():
+        # result: several requests at once, each a Generation with usage
+        gens = await asyncio.gather(*(engine.result(engine.submit(i, GREEDY)) for i in ids[:4]))
+        for i, g in zip(ids, gens):
+            assert isinstance(g, Generation) and g.prompt_tokens == len(i)
+            assert 1 <= g.completion_tokens <= 12 and g.finish_reason in ("stop", "length")
+        # stream: text deltas, then the final Generation whose text they make up
+        items = [x async for x in engine.stream(engine.submit(ids[0], GREEDY, stream=True))]
+        assert isinstance(items[-1], Generation) and all(isinstance(x, str) for x in items[:-1])
+        assert "".join(items[:-1]).strip() == items[-1].text == gens[0].text
+        # cancel: a stream closed early frees its request; the engine keeps serving
+        before = engine.stats()
+        stream = engine.stream(engine.submit(ids[5], GenerationParams(200, 0.0, 1.0), stream=True))
+        assert isinstance(await stream.__anext__(), str)
+        await stream.aclose()
+        for _ in range(100):
+            if engine.stats()["requests_open"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        after = engine.stats()
+        assert after["requests_cancelled"] == before["requests_cancelled"] + 1 and after["requests_open"] == 0
+        assert after["generated_tokens"] - before["generated_tokens"] < 200
+        # a cancelled result() (the caller went away) cancels the request too
+        task = asyncio.ensure_future(engine.result(engine.submit(ids[4], GenerationParams(200, 0.0, 1.0))))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.stats()["requests_cancelled"] == after["requests_cancelled"] + 1
+        await engine.health_check()
+        return gens
+
+    gens = asyncio.run(scenario())
+    stats = engine.stats()
+    assert stats["engine"] == engine.name
+    assert {"requests_waiting", "requests_running", "generated_tokens", "occupancy_counts", "mean_occupancy"} <= set(stats)
+    assert stats["generated_tokens"] >= sum(g.completion_tokens for g in gens)
+    if engine.name != "vllm":  # vLLM does not expose its per-step batch to us
+        assert stats["max_occupancy"] >= 2
+    with pytest.raises(InputTooLong, match="the limit is"):
+        engine.encode("word " * 3000, 12)
+
+
+def test_sync_batch_helper_and_sampling(engine):
+    """generate_batch (offline `correct`) returns results in input order; sampled and greedy requests mix."""
+    ids = [engine.encode(p, 12) for p in _prompts(5)]
+    sampled = GenerationParams(5, 1.0, 0.9)
+    gens = engine.generate_batch(ids, [GREEDY, sampled, GREEDY, sampled, GREEDY])
+    assert [g.prompt_tokens for g in gens] == [len(i) for i in ids]
+    assert all(g.completion_tokens <= 5 for g in gens[1::2])
+    alone = engine.generate_batch(ids[:1], [GREEDY])
+    assert alone[0].text == gens[0].text  # greedy does not depend on what else is in the batch
+
+
+def test_greedy_hf_equals_hf_static(tiny_model_dir, generator):
+    """At temperature 0 the continuous-batching engine gives the same corrections as the static path for >= 99 %
+    of a fixed batch (rare floating-point ties may differ)."""
+    hf = create_engine(_config(tiny_model_dir, "hf"), generator=generator)
+    static = create_engine(_config(tiny_model_dir, "hf_static"), generator=generator)
+    try:
+        prompts = _prompts(200)
+        ids = [hf.encode(p, 24) for p in prompts]
+        params = [GenerationParams(24, 0.0, 1.0)] * len(ids)
+        a, b = hf.generate_batch(ids, params), static.generate_batch(ids, params)
+    finally:
+        hf.close()
+    differ = sum(x.text != y.text or x.completion_tokens != y.completion_tokens for x, y in zip(a, b))
+    print(f"\nhf vs hf_static at temperature 0: {differ} of {len(ids)} corrections differ")
+    assert differ <= len(ids) // 100
+
+
+def test_failures_map_to_overload_or_error():
+    import torch
+
+    assert isinstance(failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")), EngineOverloaded)
+    assert isinstance(failure("CUDA out of memory. Tried to allocate 20.00 MiB"), EngineOverloaded)  # a request's error
+    assert is_out_of_memory(torch.OutOfMemoryError("x"))
+    plain = failure(ValueError("boom"))
+    assert not isinstance(plain, EngineOverloaded) and "ValueError: boom" in str(plain)
+
+
+def test_http_mapping_of_engine_failures():
+    """CUDA out of memory (raw or as an engine error) is a 503 with Retry-After; other engine errors are a 500
+    whose body holds a reference, not the exception text."""
+    import torch
+
+    from metaaligner.serving.app import _http_error
+    from metaaligner.serving.engines import EngineError
+
+    for e in (torch.OutOfMemoryError("CUDA out of memory"), EngineOverloaded("stopped")):
+        h = _http_error(e, retry_after=3)
+        assert h.status_code == 503 and h.headers == {"Retry-After": "3"}
+    h = _http_error(EngineError("RuntimeError: secret detail at /srv/models/x"))
+    assert h.status_code == 500 and "secret" not in h.detail and "ref" in h.detail
+
+
+def test_corrector_uses_the_engine(tiny_model_dir):
+    from metaaligner.serving.corrector import Corrector
+
+    c = Corrector(_config(tiny_model_dir, "hf"))
+    try:
+        out = c.correct([{"question": "Q?", "answer": "A.", "objectives": ["Honesty"]}], {"max_new_tokens": 4})
+        assert c.engine.name == "hf" and out[0]["usage"]["completion_tokens"] <= 4
+        assert c.engine.stats()["requests_finished"] == 1
+    finally:
+        c.close()
