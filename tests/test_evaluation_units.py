@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -13,7 +11,7 @@ from metaaligner.evaluation.config import EvaluateConfig, JudgeConfig
 from metaaligner.evaluation.judges import build_judge, get_rule_set, rule_score
 from metaaligner.evaluation.judges.llm import parse_verdict
 from metaaligner.evaluation.stats import (
-    Counts, copy_rate, count, improvement_ci, levenshtein, normalized_edit_distance, rate_ci, scores, summarize,
+    Counts, codes, copy_rate, count, improvement_ci, normalized_edit_distance, rate, rate_ci, summarize,
 )
 from metaaligner.objectives import load_objective_set
 
@@ -23,7 +21,9 @@ from metaaligner.objectives import load_objective_set
     ("Answer 1 mentions X. Answer 2 mentions Y.\nOverall Answer 1 is better.\nVerdict: 2", 2),
     ("I compared them.\n\nFinal answer: tie", 0), ("[[2]]", 2), ("Answer 2 is clearly better than Answer 1.", 2),
     ("Both answers are equally good, it's a tie.", 0), ('"1"', 1), ("Verdict: Answer 1", 1),
+    ("2\n\nResponse 2 addresses the query directly.", 2), ("**0**", 0), (" 1 ", 1),
     ("", None), (None, None), ("I like turtles.", None), ("Verdict: 3", None), ("Verdict: 12", None),
+    ("12\nmore", None), ("3\nno", None),
     ("Answer 1 is better. No wait, Answer 2 is better.", None), ("Perhaps answer 3?", None),
 ])
 def test_parse_verdict(reply, expected):
@@ -62,60 +62,75 @@ def test_order_is_seeded_balanced_and_mapped_back():
     assert outcome_for(GOLDEN_FIRST, 0) == "tie" and outcome_for(CANDIDATE_FIRST, None) == "invalid"
 
 
-def test_counts_and_both_win_rates():
-    c = count(["win"] * 5 + ["tie"] * 3 + ["loss"] * 2 + ["invalid"] * 4)
-    assert c == Counts(5, 3, 2, 4) and c.total == 10
-    assert c.win_rate == pytest.approx(0.8) and c.net_win_rate == pytest.approx(0.3)
-    assert Counts(invalid=3).win_rate is None  # invalid verdicts never count as ties
+@pytest.mark.parametrize("sequence, expected", [
+    # wins, ties, losses, invalid -> win_rate, win_tie_rate, net_win_rate, all over judged (invalid included)
+    ("W" * 5 + "T" * 3 + "L" * 2 + "I" * 4, (5 / 14, 8 / 14, 3 / 14)),
+    ("WTLI", (1 / 4, 2 / 4, 0.0)),
+    ("TTTT", (0.0, 1.0, 0.0)),
+    ("LLLW", (1 / 4, 1 / 4, -2 / 4)),
+    ("IIII", (0.0, 0.0, 0.0)),
+])
+def test_the_three_rates_on_known_verdict_sequences(sequence, expected):
+    outcomes = [{"W": "win", "T": "tie", "L": "loss", "I": "invalid"}[x] for x in sequence]
+    c = count(outcomes, missing=2)
+    assert c.judged == len(sequence) and c.invalid == sequence.count("I") and c.missing == 2
+    assert (c.win_rate, c.win_tie_rate, c.net_win_rate) == pytest.approx(expected)
+    values = codes(outcomes)  # the vectorised rates behind the bootstrap agree with the counts
+    assert [float(rate(values, n)) for n in ("win_rate", "win_tie_rate", "net_win_rate")] == pytest.approx(expected)
+    assert c.as_dict()["judged"] == len(sequence)
+
+
+def test_rates_need_a_judged_comparison():
+    assert Counts(missing=3).win_rate is None and Counts(missing=3).win_tie_rate is None
     with pytest.raises(ValueError):
         count(["draw"])
+    with pytest.raises(ValueError, match="unknown rate"):
+        rate(codes(["win"]), "paper_rate")
 
 
 def test_bootstrap_ci_brackets_the_rate_and_is_reproducible():
-    values = scores(["win"] * 30 + ["tie"] * 10 + ["loss"] * 60)  # paper win rate 0.4, net -0.3
-    lo, hi = rate_ci(values, "win_rate", 2000, seed=3)
+    values = codes(["win"] * 30 + ["tie"] * 10 + ["loss"] * 60)  # win 0.3, win+tie 0.4, net -0.3
+    lo, hi = rate_ci(values, "win_tie_rate", 2000, seed=3)
     assert lo < 0.4 < hi and hi - lo < 0.25 and lo > 0.25
-    assert rate_ci(values, "win_rate", 2000, seed=3) == [lo, hi]
+    assert rate_ci(values, "win_tie_rate", 2000, seed=3) == [lo, hi]
+    wlo, whi = rate_ci(values, "win_rate", 2000, seed=3)
+    assert wlo < 0.3 < whi
     nlo, nhi = rate_ci(values, "net_win_rate", 2000, seed=3)
     assert nlo < -0.3 < nhi
-    assert rate_ci(scores(["tie"] * 20), "win_rate", 500, 0) == [1.0, 1.0]
-    assert rate_ci(values, "win_rate", 0, 0) is None and rate_ci(scores([]), "win_rate", 100, 0) is None
-    base, treat = scores(["loss"] * 50 + ["win"] * 50), scores(["win"] * 100)
+    assert rate_ci(codes(["tie"] * 20), "win_tie_rate", 500, 0) == [1.0, 1.0]
+    assert rate_ci(codes(["invalid"] * 20), "win_tie_rate", 500, 0) == [0.0, 0.0]  # invalid is never a tie
+    assert rate_ci(values, "win_rate", 0, 0) is None and rate_ci(codes([]), "win_rate", 100, 0) is None
+    base, treat = codes(["loss"] * 50 + ["win"] * 50), codes(["win"] * 100)
     ilo, ihi = improvement_ci(base, treat, "win_rate", 1000, 0)
     assert 0.3 < ilo < 0.5 < ihi < 0.7
 
 
-def test_summarize_gives_table2_improvement():
+def test_summarize_gives_table2_improvement_on_paired_items():
     ids = [f"i{k}" for k in range(10)]
     outcomes = {"Calmness": {"original": dict(zip(ids, ["loss"] * 6 + ["tie"] * 4)),
-                             "corrected": dict(zip(ids, ["win"] * 2 + ["tie"] * 6 + ["loss", "invalid"]))}}
-    result = summarize(outcomes, ["Calmness"], ["original", "corrected"], "original", "corrected", 200, 0)
+                             "corrected": dict(zip(ids[:9], ["win"] * 2 + ["tie"] * 5 + ["loss", "invalid"]))}}
+    result = summarize(outcomes, ["Calmness"], ["original", "corrected"], "original", "corrected", 200, 0,
+                       missing={"Calmness": {"corrected": 1}})
     orig, corr = result["per_objective"]["Calmness"]["original"], result["per_objective"]["Calmness"]["corrected"]
-    assert (orig["wins"], orig["ties"], orig["losses"], orig["win_rate"]) == (0, 4, 6, 0.4)
-    assert (corr["total"], corr["invalid"], corr["win_rate"]) == (9, 1, pytest.approx(8 / 9))
-    assert corr["net_win_rate"] == pytest.approx(1 / 9)
+    assert (orig["wins"], orig["ties"], orig["losses"], orig["judged"]) == (0, 4, 6, 10)
+    assert (orig["win_rate"], orig["win_tie_rate"], orig["net_win_rate"]) == (0.0, 0.4, -0.6)
+    assert (corr["judged"], corr["invalid"], corr["missing"]) == (9, 1, 1)
+    assert (corr["win_rate"], corr["win_tie_rate"], corr["net_win_rate"]) == pytest.approx((2 / 9, 7 / 9, 1 / 9))
     imp = result["improvement"]["per_objective"]["Calmness"]
-    assert imp["win_rate"] == pytest.approx(8 / 9 - 0.4) and imp["paired_items"] == 9
-    assert result["improvement"]["average"]["win_rate"] == pytest.approx(8 / 9 - 0.4)
-    assert result["average"]["corrected"]["win_rate"] == pytest.approx(8 / 9)
-
-
-def _dp(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    assert imp["paired_items"] == 9  # i9 has no corrected answer: left out of the paired "+"
+    base9 = ["loss"] * 6 + ["tie"] * 3  # the baseline on the 9 paired items
+    assert imp["win_rate"] == pytest.approx(2 / 9 - 0)
+    assert imp["win_tie_rate"] == pytest.approx(7 / 9 - base9.count("tie") / 9)
+    assert imp["net_win_rate"] == pytest.approx(1 / 9 - (-6 / 9))
+    for name in ("win_rate", "win_tie_rate", "net_win_rate"):
+        assert imp[f"{name}_ci"][0] <= imp[name] <= imp[f"{name}_ci"][1]
+        assert result["improvement"]["average"][name] == pytest.approx(imp[name])
+    assert result["average"]["corrected"]["win_tie_rate"] == pytest.approx(7 / 9)
+    assert set(result["rates"]) == {"win_rate", "win_tie_rate", "net_win_rate"}
 
 
 def test_edit_distance_and_copy_rate():
-    rng = random.Random(0)
-    for _ in range(500):
-        a = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 70)))
-        b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 70)))
-        assert levenshtein(a, b) == _dp(a, b)
+    assert normalized_edit_distance("kitten", "sitting") == pytest.approx(3 / 7)
     assert normalized_edit_distance("Hello  world", "Hello world") == 0.0
     assert normalized_edit_distance("abcd", "abce") == 0.25
     assert normalized_edit_distance("", "") == 0.0 and normalized_edit_distance("", "xy") == 1.0
@@ -134,10 +149,17 @@ def test_config_validation():
     with pytest.raises(ValidationError, match="not in evaluate.candidates"):
         EvaluateConfig(input="x", output="y", candidates=["a"], baseline="a", treatment="b")
     with pytest.raises(ValidationError, match="reserved"):
-        EvaluateConfig(input="x", output="y", candidates=["error", "b"], baseline=None, treatment=None)
+        EvaluateConfig(input="x", output="y", candidates=["objectives", "b"], baseline=None, treatment=None)
+    with pytest.raises(ValidationError, match="different columns"):
+        EvaluateConfig(input="x", output="y", question_column="original")
+    with pytest.raises(ValidationError, match="prompt"):
+        JudgeConfig(kind="llm", url="http://h/v1", model="m", prompt="gpt")
     with pytest.raises(ValidationError):
         EvaluateConfig(input="x", output="y", bootstrap_samples=10**9)
-    assert "api_key" not in str(JudgeConfig(kind="llm", url="http://h/v1", model="m").identity())
+    judge = JudgeConfig(kind="llm", url="http://h/v1", model="m")
+    assert "api_key" not in str(judge.identity()) and judge.prompt == "paper"
+    # the prompt is part of the judge identity: each prompt has its own resume cache
+    assert judge.identity() != judge.model_copy(update={"prompt": "released"}).identity()
 
 
 def test_committed_sample_set_matches_its_generator():

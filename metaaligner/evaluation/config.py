@@ -9,7 +9,8 @@ from pydantic import Field, model_validator
 from metaaligner.section import Section
 
 
-RESERVED_COLUMNS = frozenset({"id", "objectives", "error", "hashes", "copy_distance"})
+OBJECTIVES_COLUMN = "objectives"  # optional per-row objectives (a list of names or "A; B")
+RATE_NAMES = ("win_rate", "win_tie_rate", "net_win_rate")
 
 
 class JudgeConfig(Section):
@@ -18,7 +19,12 @@ class JudgeConfig(Section):
     kind: Literal["llm", "reward_model", "rules"] = "rules"
     # llm: any OpenAI-compatible chat-completions endpoint
     url: str | None = Field(None, description="base URL, e.g. https://api.openai.com/v1 (+ /chat/completions)")
-    model: str | None = Field(None, max_length=200, description="model name sent to the endpoint")
+    model: str | None = Field(None, max_length=200, description="model name sent to the endpoint (the paper: "
+                              "gpt-4-turbo-preview)")
+    prompt: Literal["paper", "released", "chat"] = Field(
+        "paper", description="paper: the paper's template E (App. D.1); released: the authors' scoring scripts' "
+        "string, byte for byte; both one user message, reply 1, 2 or 0. chat: a system + user prompt asking for "
+        "'Verdict: X' (see metaaligner.evaluation.judges.prompts)")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="NAME of the env var holding the key; None: no auth")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, ge=1, le=8192)
@@ -51,7 +57,8 @@ class JudgeConfig(Section):
     def identity(self) -> dict:
         """The settings that change verdicts (keys the resume cache); no secrets, no tuning knobs."""
         if self.kind == "llm":
-            return {"kind": "llm", "url": self.url, "model": self.model, "temperature": self.temperature}
+            return {"kind": "llm", "url": self.url, "model": self.model, "prompt": self.prompt,
+                    "temperature": self.temperature}
         if self.kind == "reward_model":
             return {"kind": "reward_model", "model_path": self.model_path, "heads": self.heads,
                     "tie_margin": self.tie_margin, "max_length": self.max_length}
@@ -72,19 +79,33 @@ class ZeroShotConfig(Section):
 
 
 class EvaluateConfig(Section):
-    input: str = Field(description="JSONL or Parquet file/folder, local or s3://: id, question, golden, candidates")
+    input: str = Field(description="JSONL, Parquet or CSV file/folder, local or s3://: id, question, golden, "
+                       "candidates (column names below)")
     output: str = Field(description="local folder or s3://bucket/prefix for results, plots and the resume cache")
     objectives: str = Field("synthetic", description="objective set (built-in name or YAML) giving the descriptions")
     evaluate_objectives: list[str] | None = Field(
         None, description="objectives for rows without an `objectives` value (default: the whole set)")
-    golden: str = Field("golden", description="column with the golden answer")
-    candidates: list[str] = Field(["original", "corrected"], min_length=1, description="answer columns to judge")
+    id_column: str = Field("id", min_length=1, description="item id column; when the input has no such column "
+                           "the id is a digest of the row's content (identical rows get #2, #3, ...)")
+    question_column: str = Field("question", min_length=1, description="column with the question (query)")
+    golden: str = Field("golden", min_length=1, description="column with the golden answer; a row without one "
+                        "is quarantined")
+    candidates: list[str] = Field(["original", "corrected"], min_length=1, description="answer columns to judge; "
+                                  "a null/absent answer is left out of that candidate's rates and counted as missing")
     baseline: str | None = Field("original", description="candidate before correction (improvement, copy rate)")
     treatment: str | None = Field("corrected", description="candidate after correction")
     zero_shot: ZeroShotConfig | None = None
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     seed: int = Field(0, description="answer-order randomisation and bootstrap")
     bootstrap_samples: int = Field(1000, ge=0, le=100_000, description="0 disables confidence intervals")
+    plot_rate: Literal["win_rate", "win_tie_rate", "net_win_rate"] = Field(
+        "win_rate", description="the rate win_rates.png and zero_shot.png show (all three are in results.json)")
+    max_invalid_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="share of invalid verdicts above which the run writes its results and then "
+        "exits non-zero")
+    max_bad_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of input rows quarantined above which the job stops before judging, "
+        "without committing (the quarantine sample stays in the staging folder)")
     copy_threshold: float = Field(0.1, ge=0.0, le=1.0, description="normalised edit distance counted as a copy")
     max_chars: int = Field(20_000, ge=1, le=1_000_000, description="longer texts are quarantined")
     workers: int = Field(1, ge=1, le=1024, description="parallel judge workers (Ray actors)")
@@ -97,11 +118,12 @@ class EvaluateConfig(Section):
         names = set(self.candidates)
         if len(names) != len(self.candidates):
             raise ValueError("evaluate.candidates has duplicates")
-        reserved = names & (RESERVED_COLUMNS | {"question"}) | ({self.golden} & RESERVED_COLUMNS)
-        if reserved:
-            raise ValueError(f"evaluate: column names {sorted(reserved)} are reserved for the evaluation itself")
-        if self.golden in names:
-            raise ValueError("evaluate.golden must not be one of the candidates")
+        columns = [self.id_column, self.question_column, self.golden, *self.candidates]
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"evaluate: id_column, question_column, golden and candidates must name different "
+                             f"columns, got {columns}")
+        if OBJECTIVES_COLUMN in columns:
+            raise ValueError(f"evaluate: the column name {OBJECTIVES_COLUMN!r} is reserved for per-row objectives")
         for field in ("baseline", "treatment"):
             value = getattr(self, field)
             if value is not None and value not in names:

@@ -1,5 +1,9 @@
 """Evaluation job on Ray Data: validate rows, expand to (item, objective, candidate) comparisons, judge the
-ones missing from the resume cache, then compute statistics and write the reports."""
+ones missing from the resume cache, then compute statistics and commit the reports.
+
+Outputs go through `metaaligner.outputs.StagedOutput` (written under `_staging/<run id>/`, committed at the end);
+the resume cache `<output>/_cache/` is run state outside staging: it only grows and survives failed runs.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +16,33 @@ import pyarrow as pa
 
 from metaaligner import storage as st
 from metaaligner.config import StorageConfig
+from metaaligner.data.bad_rows import check_bad_fraction
+from metaaligner.data.row_ids import content_id, unique_content_ids
 from metaaligner.evaluation.cache import CANDIDATE_FIRST, ResultCache, digest, order_for, outcome_for
-from metaaligner.evaluation.config import EvaluateConfig, JudgeConfig
+from metaaligner.evaluation.config import OBJECTIVES_COLUMN, RATE_NAMES, EvaluateConfig, JudgeConfig
 from metaaligner.evaluation.judges import Comparison, JudgeUnavailable, build_judge, judgeable_objectives
 from metaaligner.evaluation.report import write_reports
 from metaaligner.evaluation.stats import copy_rate, normalized_edit_distance, summarize
 from metaaligner.objectives import Objective, load_objective_set
+from metaaligner.outputs import StagedOutput, check_separate
 
 TASK_SCHEMA = pa.schema([("id", pa.string()), ("objective", pa.string()), ("candidate", pa.string()),
                          ("order", pa.string()), ("hash", pa.string()), ("question", pa.string()),
                          ("answer_a", pa.string()), ("answer_b", pa.string())])
 RESULT_SCHEMA = pa.schema([("id", pa.string()), ("objective", pa.string()), ("candidate", pa.string()),
                            ("order", pa.string()), ("hash", pa.string()), ("outcome", pa.string()),
-                           ("choice", pa.int8()), ("attempts", pa.int32()), ("raw", pa.string())])
+                           ("choice", pa.int8()), ("attempts", pa.int32()), ("raw", pa.string()),
+                           ("rejected", pa.bool_())])
+PREPARED_SCHEMA = pa.schema([("id", pa.string()), ("question", pa.string()), ("golden", pa.string()),
+                             ("answers", pa.list_(pa.string())), ("objectives", pa.list_(pa.string())),
+                             ("reason", pa.string()), ("error", pa.string()), ("hashes", pa.list_(pa.string())),
+                             ("copy_distance", pa.float64())])
+META_COLUMNS = ["id", "objectives", "reason", "error", "hashes", "copy_distance"]
 QUARANTINE_EXAMPLES = 100
+
+
+class TooManyInvalid(RuntimeError):
+    """The run's share of invalid verdicts exceeds `max_invalid_fraction` (its results are committed)."""
 
 
 def _objective_list(value, defaults: list[str]) -> list[str]:
@@ -36,24 +53,22 @@ def _objective_list(value, defaults: list[str]) -> list[str]:
     return names or list(defaults)
 
 
-def _row_error(row: dict, cfg: EvaluateConfig, objectives: list[str], known: set[str], judgeable) -> str:
-    if row.get("id") in (None, ""):
-        return "missing id"
-    for column, label in (("question", "question"), (cfg.golden, "golden answer")):
+def _row_error(row: dict, cfg: EvaluateConfig, objectives: list[str], known: set[str], judgeable) -> tuple[str, str]:
+    """(reason, message) of a row that cannot be judged at all; ('', '') for a good row."""
+    for column, reason, label in ((cfg.question_column, "missing_question", "question"),
+                                  (cfg.golden, "missing_golden", "golden answer")):
         if not isinstance(row.get(column), str) or not row[column].strip():
-            return f"missing {label} ({column!r})"
-    for column in cfg.candidates:
-        if not isinstance(row.get(column), str):
-            return f"missing candidate answer {column!r}"
-    too_long = [c for c in ("question", cfg.golden, *cfg.candidates) if len(row[c]) > cfg.max_chars]
+            return reason, f"missing {label} ({column!r})"
+    texts = [c for c in (cfg.question_column, cfg.golden, *cfg.candidates) if isinstance(row.get(c), str)]
+    too_long = [c for c in texts if len(row[c]) > cfg.max_chars]
     if too_long:
-        return f"text longer than max_chars={cfg.max_chars} in {too_long}"
+        return "text_too_long", f"text longer than max_chars={cfg.max_chars} in {too_long}"
     unknown = [o for o in objectives if o not in known]
     if unknown:
-        return f"unknown objective(s) {unknown}"
+        return "unknown_objective", f"unknown objective(s) {unknown}"
     if judgeable is not None and any(o not in judgeable for o in objectives):
-        return f"no judge for objective(s) {[o for o in objectives if o not in judgeable]}"
-    return ""
+        return "no_judge", f"no judge for objective(s) {[o for o in objectives if o not in judgeable]}"
+    return "", ""
 
 
 def _parse_lines(batch: pa.Table) -> list[dict]:
@@ -64,34 +79,42 @@ def _parse_lines(batch: pa.Table) -> list[dict]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            row = {"_error": f"invalid JSON line: {e}"}
-        rows.append(row if isinstance(row, dict) else {"_error": "a JSON line must hold an object"})
+            row = {"_error": f"invalid JSON line: {e}", "_line": line}
+        rows.append(row if isinstance(row, dict) else {"_error": "a JSON line must hold an object", "_line": line})
     return rows
 
 
 def _prepare(batch: pa.Table, cfg: EvaluateConfig, defaults: list[str], known: set[str], judgeable,
-             jsonl: bool) -> pa.Table:
-    """Per row: id as text, objectives resolved, an `error` ('' when valid), text hashes and the copy distance."""
+             jsonl: bool, has_id: bool) -> pa.Table:
+    """Per row: the id (the id column, else a digest of the row), the texts, objectives resolved, a quarantine
+    reason ('' when valid), per-candidate text hashes (None: that answer is missing) and the copy distance."""
     rows = _parse_lines(batch) if jsonl else batch.to_pylist()
-    out = {name: [] for name in ("id", "question", cfg.golden, *cfg.candidates, "objectives", "error", "hashes",
-                                 "copy_distance")}
+    out = {name: [] for name in PREPARED_SCHEMA.names}
+    index = {c: k for k, c in enumerate(cfg.candidates)}
     for row in rows:
-        row["id"] = None if row.get("id") is None else str(row["id"])
-        objectives = _objective_list(row.get("objectives"), defaults)
-        error = row.get("_error") or _row_error(row, cfg, objectives, known, judgeable)
+        rid = row.get(cfg.id_column) if has_id else content_id(row)
+        rid = None if rid is None or str(rid) == "" else str(rid)
+        objectives = _objective_list(row.get(OBJECTIVES_COLUMN), defaults)
+        if row.get("_error"):
+            reason, error = "invalid_json", row["_error"]
+        elif rid is None:
+            reason, error = "missing_id", f"missing id ({cfg.id_column!r})"
+        else:
+            reason, error = _row_error(row, cfg, objectives, known, judgeable)
+        question, golden = row.get(cfg.question_column), row.get(cfg.golden)
+        answers = [row.get(c) if isinstance(row.get(c), str) else None for c in cfg.candidates]
         hashes, distance = [], None
         if not error:
-            hashes = [digest(row["question"], row[cfg.golden], row[c]) for c in cfg.candidates]
+            hashes = [None if a is None else digest(question, golden, a) for a in answers]
             if cfg.baseline and cfg.treatment:
-                distance = normalized_edit_distance(row[cfg.treatment], row[cfg.baseline])
-        for name in ("id", "question", cfg.golden, *cfg.candidates):
-            out[name].append(row.get(name) if isinstance(row.get(name), str) else None)
-        out["objectives"].append(objectives)
-        out["error"].append(error)
-        out["hashes"].append(hashes)
-        out["copy_distance"].append(distance)
-    types = {"objectives": pa.list_(pa.string()), "hashes": pa.list_(pa.string()), "copy_distance": pa.float64()}
-    return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in out.items()})
+                base, treat = answers[index[cfg.baseline]], answers[index[cfg.treatment]]
+                if base is not None and treat is not None:
+                    distance = normalized_edit_distance(treat, base)
+        values = (rid, question if isinstance(question, str) else None, golden if isinstance(golden, str) else None,
+                  answers, objectives, reason, error, hashes, distance)
+        for name, value in zip(PREPARED_SCHEMA.names, values):
+            out[name].append(value)
+    return pa.table(out, schema=PREPARED_SCHEMA)
 
 
 def _expand(batch: pa.Table, cfg: EvaluateConfig, todo_ref) -> pa.Table:
@@ -104,14 +127,12 @@ def _expand(batch: pa.Table, cfg: EvaluateConfig, todo_ref) -> pa.Table:
         if row["error"]:
             continue
         for objective in row["objectives"]:
-            for candidate in cfg.candidates:
+            for candidate, answer in zip(cfg.candidates, row["answers"]):
                 task = todo.get((row["id"], objective, candidate))
                 if task is None:
                     continue
                 order, task_hash = task
-                first, second = row[candidate], row[cfg.golden]
-                if order != CANDIDATE_FIRST:
-                    first, second = second, first
+                first, second = (answer, row["golden"]) if order == CANDIDATE_FIRST else (row["golden"], answer)
                 for name, value in zip(TASK_SCHEMA.names, (row["id"], objective, candidate, order, task_hash,
                                                            row["question"], first, second)):
                     out[name].append(value)
@@ -119,7 +140,8 @@ def _expand(batch: pa.Table, cfg: EvaluateConfig, todo_ref) -> pa.Table:
 
 
 class JudgeWorker:
-    """A Ray Data actor: judges a batch, writes its verdicts to the cache (also when it fails part-way)."""
+    """A Ray Data actor: judges a batch and caches its verdicts (also when it fails part-way). Comparisons the
+    judge rejected (HTTP 400/413/422) are returned as invalid but never cached, so a resume asks again."""
 
     def __init__(self, judge_cfg: JudgeConfig, descriptions: dict[str, str], output: str, storage: StorageConfig):
         self.judge = build_judge(judge_cfg)
@@ -137,10 +159,11 @@ class JudgeWorker:
                 records.append({"id": r["id"], "objective": r["objective"], "candidate": r["candidate"],
                                 "order": r["order"], "hash": r["hash"], "choice": verdict.choice,
                                 "outcome": outcome_for(r["order"], verdict.choice), "attempts": verdict.attempts,
-                                "raw": verdict.raw})
+                                "raw": verdict.raw, "rejected": verdict.rejected})
         finally:
-            if records:
-                self.cache.write_shard(records)
+            keep = [r for r in records if not r["rejected"]]
+            if keep:
+                self.cache.write_shard(keep)
         return pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
 
 
@@ -165,18 +188,23 @@ def _first_record(fs, path: str, limit: int = 16 << 20) -> dict:
 
 
 def _read(cfg: EvaluateConfig, storage: StorageConfig):
-    """(dataset, column names, is_jsonl): Parquet as columns; JSON Lines as a `text` column parsed in `_prepare`
-    (bad lines are quarantined and mixed types cannot break Arrow's inference)."""
+    """(dataset, column names, kind): Parquet as columns; CSV with every column as text (quoted cells may span
+    lines); JSON Lines as a `text` column parsed in `_prepare` (bad lines are quarantined, and mixed types
+    cannot break Arrow's inference)."""
     import ray.data
 
     from metaaligner.data.readers import discover
+    from metaaligner.data.text_csv import read_text_csv
 
-    kind, files = discover(cfg.input, storage, ("parquet", "jsonl"))
+    kind, files = discover(cfg.input, storage, ("parquet", "jsonl", "csv"))
     fs, _ = st.filesystem(cfg.input, storage)
     if kind == "parquet":
         ds = ray.data.read_parquet(files, filesystem=fs)
-        return ds, set(ds.schema().names), False
-    return ray.data.read_text(files, filesystem=fs), set(_first_record(fs, files[0])), True
+        return ds, set(ds.schema().names), kind
+    if kind == "csv":
+        ds = read_text_csv(files, fs)
+        return ds, set(ds.schema().names), kind
+    return ray.data.read_text(files, filesystem=fs), set(_first_record(fs, files[0])), kind
 
 
 _UNAVAILABLE = re.compile(r"JudgeUnavailable: (.+)")
@@ -198,117 +226,183 @@ def _root_cause(error: BaseException) -> str:
     return str(last)
 
 
-def run_evaluation(cfg: EvaluateConfig, storage: StorageConfig, log=print) -> dict:
-    """Judge every (item, objective, candidate) against the golden answer and write results next to `output`."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    start = time.time()
+def _check_settings(cfg: EvaluateConfig) -> tuple:
+    """(objective set, default objectives, judgeable objectives); fails before any data is read."""
     objective_set = load_objective_set(cfg.objectives)
     defaults = cfg.evaluate_objectives or objective_set.names
-    known = set(objective_set.names)
     judgeable = judgeable_objectives(cfg.judge)
-    bad = [o for o in defaults if o not in known or (judgeable is not None and o not in judgeable)]
+    bad = [o for o in defaults if o not in objective_set or (judgeable is not None and o not in judgeable)]
     if bad:
         raise ValueError(f"evaluate_objectives {bad}: not in objective set {cfg.objectives!r} or not judgeable by "
                          f"the {cfg.judge.kind} judge")
     if cfg.judge.kind == "llm":
         build_judge(cfg.judge).close()  # fails fast on a missing API key
+    return objective_set, defaults, judgeable
+
+
+def run_evaluation(cfg: EvaluateConfig, storage: StorageConfig, log=print) -> dict:
+    """Judge every (item, objective, candidate) against the golden answer and commit the results to `output`.
+
+    Raises TooManyBadRows (nothing committed) when more than `max_bad_fraction` of the rows are quarantined, and
+    TooManyInvalid (after committing) when more than `max_invalid_fraction` of the verdicts are invalid.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    start = time.time()
+    objective_set, defaults, judgeable = _check_settings(cfg)
+    known = set(objective_set.names)
+    check_separate(cfg.input, cfg.output)
     st.check_bucket(cfg.input, storage)
     st.check_bucket(cfg.output, storage)
 
-    ds, columns, jsonl = _read(cfg, storage)
-    missing = [c for c in ("id", "question", cfg.golden, *cfg.candidates) if c not in columns]
-    if missing:
-        raise ValueError(f"{cfg.input}: missing column(s) {missing} (have {sorted(columns)})")
-    if not jsonl:
-        ds = ds.select_columns([c for c in ("id", "question", cfg.golden, *cfg.candidates, "objectives")
-                                if c in columns])
+    ds, columns, kind = _read(cfg, storage)
+    missing_columns = [c for c in (cfg.question_column, cfg.golden, *cfg.candidates) if c not in columns]
+    if missing_columns:
+        raise ValueError(f"{cfg.input}: missing column(s) {missing_columns} (have {sorted(columns)}); set "
+                         "evaluate.question_column / golden / candidates to the input's column names")
+    has_id = cfg.id_column in columns
     prepared = ds.map_batches(
         _prepare, batch_format="pyarrow",
-        fn_kwargs=dict(cfg=cfg, defaults=defaults, known=known, judgeable=judgeable, jsonl=jsonl),
+        fn_kwargs=dict(cfg=cfg, defaults=defaults, known=known, judgeable=judgeable, jsonl=kind == "jsonl",
+                       has_id=has_id),
     ).materialize()
-    meta = prepared.select_columns(["id", "objectives", "error", "hashes", "copy_distance"]).take_all()
+    renumbered = 0
+    if not has_id:
+        prepared, renumbered = unique_content_ids(prepared, "id")
+        prepared = prepared.materialize()
+    meta = prepared.select_columns(META_COLUMNS).take_all()
     duplicates = [i for i, n in Counter(m["id"] for m in meta if m["id"] is not None).items() if n > 1]
     if duplicates:
-        raise ValueError(f"{cfg.input}: duplicate id(s) {duplicates[:10]}; ids key the results and the resume cache")
-    quarantine = [{"id": m["id"], "error": m["error"]} for m in meta if m["error"]]
+        raise ValueError(f"{cfg.input}: duplicate id(s) {duplicates[:10]} in column {cfg.id_column!r}; ids key the "
+                         "results and the resume cache")
+    quarantine = [{"id": m["id"], "reason": m["reason"], "error": m["error"]} for m in meta if m["error"]]
     valid = [m for m in meta if not m["error"]]
 
+    out = StagedOutput(cfg.output, job="evaluate", storage=storage)
     cache = ResultCache(cfg.output, cfg.judge.identity(), storage)
-    cached = cache.load()
-    rendered = {name: objective_set[name].render() for name in known}
-    results, todo = [], {}
-    for m in valid:
-        for objective in m["objectives"]:
-            for candidate, text_hash in zip(cfg.candidates, m["hashes"]):
-                order = order_for(cfg.seed, m["id"], objective, candidate)
-                task_hash = digest(text_hash, rendered[objective])
-                hit = cached.get((m["id"], objective, candidate, order))
-                if hit is not None and hit.get("hash") == task_hash:
-                    results.append(hit)
-                else:
-                    todo[(m["id"], objective, candidate)] = (order, task_hash)
-    reused = len(results)
-    log(f"evaluate: {len(meta)} items ({len(quarantine)} quarantined), {reused + len(todo)} comparisons, "
-        f"{reused} from the resume cache, {len(todo)} to judge with the {cfg.judge.kind} judge")
+    try:
+        if quarantine:
+            _put(out, "_quarantine.jsonl", "".join(json.dumps(q) + "\n" for q in quarantine))
+        reasons = Counter(q["reason"] for q in quarantine)
+        examples = {}
+        for q in quarantine:
+            examples.setdefault(q["reason"], f"id {q['id']}: {q['error']}")
+        check_bad_fraction("evaluate", reasons, examples, len(meta), cfg.max_bad_fraction,
+                           f"check that evaluate.question_column={cfg.question_column!r}, golden={cfg.golden!r}, "
+                           f"id_column={cfg.id_column!r} and candidates={cfg.candidates} name the input's columns, "
+                           f"and that row objectives belong to the set {cfg.objectives!r}")
 
-    judge_start = time.time()
-    if todo:
-        tasks = prepared.map_batches(_expand, batch_format="pyarrow",
-                                     fn_kwargs=dict(cfg=cfg, todo_ref=ray.put(todo)))
-        judged = tasks.map_batches(
-            JudgeWorker, batch_format="pyarrow", batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.workers),
-            num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus or None,
-            fn_constructor_kwargs=dict(judge_cfg=cfg.judge, descriptions={n: objective_set[n].description
-                                                                           for n in known},
-                                       output=cfg.output, storage=storage),
-        )
-        try:
-            results.extend(judged.take_all())
-        except Exception as e:  # noqa: BLE001 — re-raised with the resume hint
-            kept = len(cache.load())
-            raise RuntimeError(f"judging failed: {_root_cause(e)}; {kept} verdicts are kept in {cache.uri}; "
-                               "re-run the same command to resume") from e
-    judge_time = time.time() - judge_start
+        cached = cache.load()
+        rendered = {name: objective_set[name].render() for name in known}
+        results, todo = [], {}
+        missing: dict[str, dict[str, int]] = {}
+        for m in valid:
+            for objective in m["objectives"]:
+                for candidate, text_hash in zip(cfg.candidates, m["hashes"]):
+                    if text_hash is None:
+                        per = missing.setdefault(objective, {})
+                        per[candidate] = per.get(candidate, 0) + 1
+                        continue
+                    order = order_for(cfg.seed, m["id"], objective, candidate)
+                    task_hash = digest(text_hash, rendered[objective])
+                    hit = cached.get((m["id"], objective, candidate, order))
+                    if hit is not None and hit.get("hash") == task_hash:
+                        results.append({**hit, "rejected": False})
+                    else:
+                        todo[(m["id"], objective, candidate)] = (order, task_hash)
+        reused = len(results)
+        log(f"evaluate: {len(meta)} items ({len(quarantine)} quarantined), {reused + len(todo)} comparisons, "
+            f"{reused} from the resume cache, {len(todo)} to judge with the {cfg.judge.kind} judge")
 
+        judge_start = time.time()
+        if todo:
+            tasks = prepared.map_batches(_expand, batch_format="pyarrow",
+                                         fn_kwargs=dict(cfg=cfg, todo_ref=ray.put(todo)))
+            judged = tasks.map_batches(
+                JudgeWorker, batch_format="pyarrow", batch_size=cfg.batch_size,
+                compute=ActorPoolStrategy(size=cfg.workers), num_cpus=cfg.worker_cpus,
+                num_gpus=cfg.worker_gpus or None,
+                fn_constructor_kwargs=dict(judge_cfg=cfg.judge, descriptions={n: objective_set[n].description
+                                                                               for n in known},
+                                           output=cfg.output, storage=storage),
+            )
+            try:
+                results.extend(judged.take_all())
+            except Exception as e:  # noqa: BLE001 — re-raised with the resume hint
+                kept = len(cache.load())
+                raise RuntimeError(f"judging failed: {_root_cause(e)}; {kept} verdicts are kept in {cache.uri}; "
+                                   "re-run the same command to resume") from e
+        judge_time = time.time() - judge_start
+
+        report = _report(cfg, results, missing, meta, valid, quarantine, reasons, renumbered, objective_set)
+        outputs = write_reports(report, cfg, lambda name, data: _put(out, name, data))
+    except Exception as e:
+        raise out.fail(e) from e
+
+    invalid = report["invalid"]
+    summary = {
+        "input": cfg.input, "output": cfg.output, "input_format": kind,
+        "items": len(meta), "quarantined": len(quarantine), "quarantined_by_reason": dict(reasons),
+        "duplicate_rows_renumbered": renumbered, "comparisons": len(results), "reused_from_cache": reused,
+        "judged": len(results) - reused, "invalid": invalid["count"], "invalid_rejected": invalid["rejected"],
+        "invalid_fraction": invalid["fraction"], "missing": report["missing"],
+        "judge_time_s": round(judge_time, 3), "wall_time_s": round(time.time() - start, 3),
+        "comparisons_per_s": round((len(results) - reused) / judge_time, 2) if judge_time > 0 and todo else None,
+        "cache": cache.uri, "outputs": [st.join(cfg.output, name) for name in outputs],
+    }
+    out.commit(summary)
+    log(f"evaluate: judged {summary['judged']} comparisons ({summary['invalid']} invalid) in "
+        f"{summary['wall_time_s']:.1f}s -> {cfg.output}")
+    if invalid["count"] and invalid["fraction"] > cfg.max_invalid_fraction:
+        raise TooManyInvalid(
+            f"{invalid['count']} of {len(results)} verdicts ({100 * invalid['fraction']:.1f} %) are invalid "
+            f"({invalid['unparseable']} unparseable replies, {invalid['rejected']} comparisons rejected by the "
+            f"judge), over max_invalid_fraction={cfg.max_invalid_fraction}; the results are written to "
+            f"{cfg.output} but should not be reported as they are. Rejected comparisons are asked again on a rerun.")
+    return summary
+
+
+def _put(out: StagedOutput, name: str, data: str | bytes) -> None:
+    with out.open(name) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def _report(cfg: EvaluateConfig, results: list[dict], missing: dict, meta: list[dict], valid: list[dict],
+            quarantine: list[dict], reasons: Counter, renumbered: int, objective_set) -> dict:
     outcomes: dict[str, dict[str, dict[str, str]]] = {}
     for r in results:
         outcomes.setdefault(r["objective"], {}).setdefault(r["candidate"], {})[r["id"]] = r["outcome"]
-    evaluated = [o for o in objective_set.names if o in outcomes]
+    evaluated = [o for o in objective_set.names if o in outcomes or o in missing]
     report = summarize(outcomes, evaluated, cfg.candidates, cfg.baseline, cfg.treatment, cfg.bootstrap_samples,
-                       cfg.seed)
+                       cfg.seed, missing)
     invalid = [r for r in results if r["outcome"] == "invalid"]
+    rejected = sum(bool(r.get("rejected")) for r in invalid)
+    items_missing = {c: sum(m["hashes"][k] is None for m in valid) for k, c in enumerate(cfg.candidates)}
     report.update({
         "input": cfg.input, "objective_set": cfg.objectives, "objectives": evaluated, "candidates": cfg.candidates,
+        "columns": {"id": cfg.id_column, "question": cfg.question_column, "golden": cfg.golden},
         "golden": cfg.golden, "judge": cfg.judge.identity(), "seed": cfg.seed,
-        "bootstrap_samples": cfg.bootstrap_samples,
-        "items": {"total": len(meta), "evaluated": len(valid), "quarantined": len(quarantine)},
-        "quarantine": quarantine[:QUARANTINE_EXAMPLES],
-        "invalid": {"count": len(invalid), "examples": [{k: r[k] for k in ("id", "objective", "candidate", "raw")}
-                                                         for r in invalid[:20]]},
+        "bootstrap_samples": cfg.bootstrap_samples, "plot_rate": cfg.plot_rate,
+        "items": {"total": len(meta), "evaluated": len(valid), "quarantined": len(quarantine),
+                  "duplicate_rows_renumbered": renumbered},
+        "quarantine": quarantine[:QUARANTINE_EXAMPLES], "quarantined_by_reason": dict(reasons),
+        "missing": items_missing,
+        "invalid": {"count": len(invalid), "unparseable": len(invalid) - rejected, "rejected": rejected,
+                    "fraction": len(invalid) / len(results) if results else 0.0,
+                    "examples": [{"id": r["id"], "objective": r["objective"], "candidate": r["candidate"],
+                                  "reason": "rejected" if r.get("rejected") else "unparseable", "raw": r["raw"]}
+                                 for r in invalid[:20]]},
     })
     if cfg.baseline and cfg.treatment:
+        distances = [m["copy_distance"] for m in valid if m["copy_distance"] is not None]
         report["copy_rate"] = {"candidate": cfg.treatment, "reference": cfg.baseline,
-                               **copy_rate([m["copy_distance"] for m in valid], cfg.copy_threshold)}
+                               **copy_rate(distances, cfg.copy_threshold)}
     if cfg.zero_shot is not None:
         zs = cfg.zero_shot
         report["zero_shot"] = {
             "candidates": zs.candidates, "labels": zs.labels or zs.candidates,
-            "win_rate": {o: [report["per_objective"][o][c]["win_rate"] for c in zs.candidates] for o in evaluated},
+            **{name: {o: [report["per_objective"][o][c][name] for c in zs.candidates] for o in evaluated}
+               for name in RATE_NAMES},
         }
-    if quarantine:
-        st.write_text(st.join(cfg.output, "_quarantine.jsonl"),
-                      "".join(json.dumps(q) + "\n" for q in quarantine), storage)
-    outputs = write_reports(report, cfg, storage)
-    summary = {
-        "items": len(meta), "quarantined": len(quarantine), "comparisons": len(results),
-        "reused_from_cache": reused, "judged": len(results) - reused, "invalid": len(invalid),
-        "judge_time_s": round(judge_time, 3), "wall_time_s": round(time.time() - start, 3),
-        "comparisons_per_s": round((len(results) - reused) / judge_time, 2) if judge_time > 0 and todo else None,
-        "cache": cache.uri, "outputs": outputs,
-    }
-    st.write_json(st.join(cfg.output, "_summary.json"), summary, storage)
-    log(f"evaluate: judged {summary['judged']} comparisons ({summary['invalid']} invalid) in "
-        f"{summary['wall_time_s']:.1f}s -> {cfg.output}")
-    return summary
+    return report

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 
-from metaaligner import storage as st
-from metaaligner.config import StorageConfig
-
 FIGSIZE, DPI = (8.0, 4.5), 100  # every plot is 800 x 450 pixels
+
+
+RATE_LABELS = {
+    "win_rate": "Win rate = wins / judged (the paper's Algorithm 2: a tie is not a win)",
+    "win_tie_rate": "Win+tie rate = (wins + ties) / judged (the authors' released scoring scripts)",
+    "net_win_rate": "Net win rate = (wins − losses) / judged (Aligner's)",
+}
+SHORT = {"win_rate": "win rate", "win_tie_rate": "win+tie rate", "net_win_rate": "net win rate"}
 
 
 def _pct(x) -> str:
@@ -18,43 +23,56 @@ def _ci(ci) -> str:
     return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
-def markdown(report: dict) -> str:
-    """Per-objective win rates (%, (wins+ties)/total with bootstrap 95 % CI), W/T/L/invalid, and the improvement."""
+def _rate_table(report: dict, name: str) -> list[str]:
+    """One rate per objective and candidate (%, bootstrap 95 % CI), its average and the treatment's "+"."""
     cands, objectives = report["candidates"], report["objectives"]
     improvement = report.get("improvement")
-    judge = report["judge"]
-    items = report["items"]
+    header = ["Objective", *cands]
+    if improvement:
+        header.append(f"+ {improvement['treatment']} − {improvement['baseline']} (pts, paired)")
+    lines = [f"## {RATE_LABELS[name]}, %", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for obj in objectives:
+        row = report["per_objective"][obj]
+        cells = [obj] + [_pct(row[c][name]) + _ci(row[c][f"{name}_ci"]) for c in cands]
+        if improvement:
+            imp = improvement["per_objective"].get(obj)
+            cells.append("–" if imp is None else f"{100 * imp[name]:+.1f}" + _ci(imp[f"{name}_ci"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    avg = ["**Average**"] + [_pct(report["average"][c][name]) for c in cands]
+    if improvement:
+        a = improvement["average"][name]
+        avg.append("–" if a is None else f"{100 * a:+.1f}")
+    return lines + ["| " + " | ".join(avg) + " |", ""]
+
+
+def markdown(report: dict) -> str:
+    """The three rates per objective (with CIs and the treatment-over-baseline "+"), then the counts."""
+    cands, objectives = report["candidates"], report["objectives"]
+    improvement = report.get("improvement")
+    judge, items, invalid = report["judge"], report["items"], report["invalid"]
+    missing = ", ".join(f"{c}: {n}" for c, n in report["missing"].items() if n) or "none"
     lines = [
         "# Evaluation results", "",
         f"Judge: `{judge['kind']}` ({', '.join(f'{k}={v}' for k, v in judge.items() if k != 'kind')}); "
-        f"items: {items['evaluated']} evaluated, {items['quarantined']} quarantined; "
-        f"invalid verdicts: {report['invalid']['count']}.", "",
-        "Win rate = (wins + ties) / valid judgments, in %, with bootstrap 95 % CI; "
-        "net = (wins − losses) / valid.", "",
+        f"items: {items['evaluated']} evaluated, {items['quarantined']} quarantined; missing answers: {missing}; "
+        f"invalid verdicts: {invalid['count']} ({100 * invalid['fraction']:.1f} % of the comparisons: "
+        f"{invalid['unparseable']} unparseable, {invalid['rejected']} rejected by the judge).", "",
+        "Every rate divides by *judged*, the comparisons asked: an invalid verdict counts as judged (a non-win and "
+        "a non-loss). An item without a candidate's answer is left out of that candidate's rates (*missing*); the "
+        "\"+\" columns compare the two candidates on the items judged for both (*paired n* below).", "",
     ]
-    header = ["Objective"] + [f"{c} win rate" for c in cands] + [f"{c} W/T/L/inv" for c in cands]
-    if improvement:
-        header.append(f"Δ {improvement['treatment']} − {improvement['baseline']} (pts)")
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in RATE_LABELS:
+        lines += _rate_table(report, name)
+    header = ["Objective"] + [f"{c} W/T/L/invalid/missing" for c in cands] + (["paired n"] if improvement else [])
+    lines += ["## Counts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for obj in objectives:
         row = report["per_objective"][obj]
-        cells = [obj] + [_pct(row[c]["win_rate"]) + _ci(row[c]["win_rate_ci"]) for c in cands]
-        cells += [f"{row[c]['wins']}/{row[c]['ties']}/{row[c]['losses']}/{row[c]['invalid']}" for c in cands]
+        cells = [obj] + [f"{row[c]['wins']}/{row[c]['ties']}/{row[c]['losses']}/{row[c]['invalid']}/"
+                         f"{row[c]['missing']}" for c in cands]
         if improvement:
             imp = improvement["per_objective"].get(obj)
-            cells.append("–" if imp is None else f"{100 * imp['win_rate']:+.1f}" + _ci(imp["win_rate_ci"]))
+            cells.append(str(imp["paired_items"]) if imp else "0")
         lines.append("| " + " | ".join(cells) + " |")
-    avg = ["**Average**"] + [_pct(report["average"][c]["win_rate"]) for c in cands] + [""] * len(cands)
-    if improvement:
-        a = improvement["average"]["win_rate"]
-        avg.append("–" if a is None else f"{100 * a:+.1f}")
-    lines += ["| " + " | ".join(avg) + " |", ""]
-    lines += ["Net win rate (Aligner's definition), %:", "",
-              "| Objective | " + " | ".join(cands) + " |", "|" + "---|" * (len(cands) + 1)]
-    for obj in objectives:
-        row = report["per_objective"][obj]
-        lines.append(f"| {obj} | " + " | ".join(_pct(row[c]["net_win_rate"]) + _ci(row[c]["net_win_rate_ci"])
-                                                 for c in cands) + " |")
     lines.append("")
     cr = report.get("copy_rate")
     if cr and cr["n"]:
@@ -63,9 +81,10 @@ def markdown(report: dict) -> str:
                   f"{cr['mean_distance']:.3f}).", ""]
     zs = report.get("zero_shot")
     if zs:
-        lines += ["Zero-shot: win rate (%) per objective as objectives are added one by one:", "",
+        name = report["plot_rate"]
+        lines += [f"Zero-shot: {SHORT[name]} (%) per objective as objectives are added one by one:", "",
                   "| Objective | " + " | ".join(zs["labels"]) + " |", "|" + "---|" * (len(zs["labels"]) + 1)]
-        lines += [f"| {o} | " + " | ".join(_pct(v) for v in vals) + " |" for o, vals in zs["win_rate"].items()]
+        lines += [f"| {o} | " + " | ".join(_pct(v) for v in vals) + " |" for o, vals in zs[name].items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -88,61 +107,60 @@ def _png(plt, fig) -> bytes:
     return buf.getvalue()
 
 
+def _ylim(ax, name: str) -> None:
+    ax.set_ylim(-105 if name == "net_win_rate" else 0, 105)
+
+
 def bars_png(report: dict, candidates: list[str]) -> bytes:
-    """Grouped bars: win rate per objective for each candidate (e.g. before/after correction), 95 % CI whiskers."""
+    """Grouped bars: `plot_rate` per objective for each candidate (e.g. before/after correction), 95 % CI whiskers."""
     import numpy as np
 
+    name = report["plot_rate"]
     plt, fig, ax = _figure()
     objectives = report["objectives"]
     x = np.arange(len(objectives))
     width = 0.8 / len(candidates)
     for i, cand in enumerate(candidates):
         rows = [report["per_objective"][o][cand] for o in objectives]
-        rates = np.array([100 * (r["win_rate"] or 0.0) for r in rows])
-        err = np.array([[rate - 100 * r["win_rate_ci"][0], 100 * r["win_rate_ci"][1] - rate]
-                        if r["win_rate_ci"] else [0.0, 0.0] for r, rate in zip(rows, rates)]).T
+        rates = np.array([100 * (r[name] or 0.0) for r in rows])
+        err = np.array([[max(0.0, rate - 100 * r[f"{name}_ci"][0]), max(0.0, 100 * r[f"{name}_ci"][1] - rate)]
+                        if r[f"{name}_ci"] else [0.0, 0.0] for r, rate in zip(rows, rates)]).reshape(-1, 2).T
         ax.bar(x + (i - (len(candidates) - 1) / 2) * width, rates, width, yerr=err, capsize=3, label=cand)
     ax.set_xticks(x, objectives, rotation=20, ha="right")
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("win rate vs golden (%)")
-    ax.set_title("Win rate per objective (wins + ties) / total")
+    _ylim(ax, name)
+    ax.set_ylabel(f"{SHORT[name]} vs golden (%)")
+    ax.set_title(RATE_LABELS[name])
     ax.legend()
     return _png(plt, fig)
 
 
 def zero_shot_png(report: dict) -> bytes:
-    """Win rate per objective (one line each) as objectives are added one at a time (the paper's Figure 3)."""
+    """`plot_rate` per objective (one line each) as objectives are added one at a time (the paper's Figure 3)."""
+    name = report["plot_rate"]
     plt, fig, ax = _figure()
     zs = report["zero_shot"]
     stages = range(len(zs["labels"]))
-    for obj, values in zs["win_rate"].items():
+    for obj, values in zs[name].items():
         ax.plot(stages, [None if v is None else 100 * v for v in values], marker="o", label=obj)
     ax.set_xticks(list(stages), zs["labels"], rotation=20, ha="right")
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("win rate vs golden (%)")
-    ax.set_title("Zero-shot: win rate as objectives are added one by one")
+    _ylim(ax, name)
+    ax.set_ylabel(f"{SHORT[name]} vs golden (%)")
+    ax.set_title(f"Zero-shot: {SHORT[name]} as objectives are added one by one")
     ax.legend(fontsize="small", ncol=2)
     return _png(plt, fig)
 
 
-def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
-    import os
+def write_reports(report: dict, cfg, put) -> list[str]:
+    """results.json, results.md, win_rates.png and (with zero_shot) zero_shot.png through `put(name, data)`;
+    returns the names written."""
+    import json
 
-    fs, path = st.filesystem(uri, storage)
-    if not st.is_s3(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def write_reports(report: dict, cfg, storage: StorageConfig) -> list[str]:
-    """results.json, results.md, win_rates.png and (with zero_shot) zero_shot.png under cfg.output."""
-    out = {name: st.join(cfg.output, name) for name in ("results.json", "results.md", "win_rates.png")}
-    st.write_json(out["results.json"], report, storage)
-    st.write_text(out["results.md"], markdown(report), storage)
+    files = {"results.json": json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
+             "results.md": markdown(report)}
     bars = [cfg.baseline, cfg.treatment] if cfg.baseline and cfg.treatment else cfg.candidates
-    write_bytes(out["win_rates.png"], bars_png(report, bars), storage)
+    files["win_rates.png"] = bars_png(report, bars)
     if report.get("zero_shot"):
-        out["zero_shot.png"] = st.join(cfg.output, "zero_shot.png")
-        write_bytes(out["zero_shot.png"], zero_shot_png(report), storage)
-    return list(out.values())
+        files["zero_shot.png"] = zero_shot_png(report)
+    for name, data in files.items():
+        put(name, data)
+    return list(files)

@@ -1,4 +1,9 @@
-"""Statistics: wins/ties/losses, both win-rate definitions, bootstrap CIs, improvement and copy rate."""
+"""Statistics: wins/ties/losses/invalid, the three win rates, bootstrap CIs, paired improvement and copy rate.
+
+Every rate divides by `judged`, the comparisons asked (an invalid verdict included): an invalid verdict is a
+non-win and a non-loss, and is also reported on its own. The three rates (see `RATES`) are named by what they
+count; which one a paper or script reports is said next to it, never implied.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,15 @@ import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from rapidfuzz.distance import Levenshtein
 
 OUTCOMES = ("win", "tie", "loss", "invalid")
-SCORE = {"win": 1, "tie": 0, "loss": -1}
+CODE = {"win": 1, "tie": 0, "loss": -1, "invalid": -2}
+RATES = {
+    "win_rate": "wins / judged (the paper's Algorithm 2: a tie is not a win)",
+    "win_tie_rate": "(wins + ties) / judged (the authors' released scoring scripts)",
+    "net_win_rate": "(wins − losses) / judged (Aligner's)",
+}
 _BOOTSTRAP_CHUNK = 2_000_000  # resampled values held in memory at once
 
 
@@ -18,42 +29,59 @@ class Counts:
     ties: int = 0
     losses: int = 0
     invalid: int = 0
+    missing: int = 0  # items without this candidate (absent or failed): not judged, not in any rate
 
     @property
-    def total(self) -> int:
-        """Valid judgments; invalid ones are reported, never counted as ties."""
-        return self.wins + self.ties + self.losses
+    def judged(self) -> int:
+        """Comparisons asked, invalid verdicts included."""
+        return self.wins + self.ties + self.losses + self.invalid
+
+    def _share(self, numerator: int) -> float | None:
+        return numerator / self.judged if self.judged else None
 
     @property
     def win_rate(self) -> float | None:
-        """(wins + ties) / total — the paper's definition."""
-        return (self.wins + self.ties) / self.total if self.total else None
+        """wins / judged (the paper's Algorithm 2)."""
+        return self._share(self.wins)
+
+    @property
+    def win_tie_rate(self) -> float | None:
+        """(wins + ties) / judged (the authors' released scoring scripts)."""
+        return self._share(self.wins + self.ties)
 
     @property
     def net_win_rate(self) -> float | None:
-        """(wins - losses) / total — Aligner's definition."""
-        return (self.wins - self.losses) / self.total if self.total else None
+        """(wins - losses) / judged (Aligner's)."""
+        return self._share(self.wins - self.losses)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "total": self.total, "win_rate": self.win_rate, "net_win_rate": self.net_win_rate}
+        return {**asdict(self), "judged": self.judged, **{name: getattr(self, name) for name in RATES}}
 
 
-def count(outcomes) -> Counts:
+def count(outcomes, missing: int = 0) -> Counts:
     tally = {o: 0 for o in OUTCOMES}
     for o in outcomes:
         if o not in tally:
             raise ValueError(f"unknown outcome {o!r}")
         tally[o] += 1
-    return Counts(tally["win"], tally["tie"], tally["loss"], tally["invalid"])
+    return Counts(tally["win"], tally["tie"], tally["loss"], tally["invalid"], missing)
 
 
-def scores(outcomes) -> np.ndarray:
-    """Valid outcomes as +1 (win), 0 (tie), -1 (loss); invalid ones are left out."""
-    return np.array([SCORE[o] for o in outcomes if o in SCORE], dtype=np.int8)
+def codes(outcomes) -> np.ndarray:
+    """Outcomes as int8 codes: win 1, tie 0, loss -1, invalid -2 (every judged comparison is kept)."""
+    return np.array([CODE[o] for o in outcomes], dtype=np.int8)
 
 
-def _metric(values: np.ndarray, kind: str) -> np.ndarray:
-    return (values >= 0).mean(axis=-1) if kind == "win_rate" else values.mean(axis=-1)
+def rate(values: np.ndarray, name: str) -> np.ndarray:
+    """One of `RATES` over the last axis of outcome codes."""
+    wins = (values == 1).mean(axis=-1)
+    if name == "win_rate":
+        return wins
+    if name == "win_tie_rate":
+        return (values >= 0).mean(axis=-1)
+    if name == "net_win_rate":
+        return wins - (values == -1).mean(axis=-1)
+    raise ValueError(f"unknown rate {name!r}; one of {list(RATES)}")
 
 
 def bootstrap(columns: list[np.ndarray], samples: int, seed: int, statistic) -> np.ndarray:
@@ -72,47 +100,18 @@ def ci95(values: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def rate_ci(values: np.ndarray, kind: str, samples: int, seed: int) -> list[float] | None:
-    """Bootstrap 95 % CI of a win rate ('win_rate' or 'net_win_rate') over items."""
+def rate_ci(values: np.ndarray, name: str, samples: int, seed: int) -> list[float] | None:
+    """Bootstrap 95 % CI of one rate over items."""
     if samples == 0 or len(values) == 0:
         return None
-    return ci95(bootstrap([values], samples, seed, lambda v: _metric(v, kind)))
+    return ci95(bootstrap([values], samples, seed, lambda v: rate(v, name)))
 
 
-def improvement_ci(base: np.ndarray, treat: np.ndarray, kind: str, samples: int, seed: int) -> list[float] | None:
-    """Paired bootstrap 95 % CI of rate(treat) - rate(base) over items judged validly for both."""
+def improvement_ci(base: np.ndarray, treat: np.ndarray, name: str, samples: int, seed: int) -> list[float] | None:
+    """Paired bootstrap 95 % CI of rate(treat) - rate(base) over the items judged for both."""
     if samples == 0 or len(base) == 0:
         return None
-    return ci95(bootstrap([base, treat], samples, seed, lambda b, t: _metric(t, kind) - _metric(b, kind)))
-
-
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insert/delete/substitute) with Myers' bit-parallel algorithm (Hyyrö's form)."""
-    if len(a) < len(b):
-        a, b = b, a
-    m = len(b)
-    if m == 0:
-        return len(a)
-    peq: dict[str, int] = {}
-    for i, ch in enumerate(b):
-        peq[ch] = peq.get(ch, 0) | (1 << i)
-    full, top = (1 << m) - 1, 1 << (m - 1)
-    pv, mv, dist = full, 0, m
-    for ch in a:
-        eq = peq.get(ch, 0)
-        xv = eq | mv
-        xh = (((eq & pv) + pv) ^ pv) | eq
-        ph = mv | ~(xh | pv)
-        mh = pv & xh
-        if ph & top:
-            dist += 1
-        elif mh & top:
-            dist -= 1
-        ph = (ph << 1) | 1
-        mh <<= 1
-        pv = (mh | ~(xv | ph)) & full
-        mv = ph & xv & full
-    return dist
+    return ci95(bootstrap([base, treat], samples, seed, lambda b, t: rate(t, name) - rate(b, name)))
 
 
 _SPACE = re.compile(r"\s+")
@@ -120,9 +119,7 @@ _SPACE = re.compile(r"\s+")
 
 def normalized_edit_distance(a: str, b: str) -> float:
     """Levenshtein distance / the longer length, after collapsing whitespace (0 = identical, 1 = all different)."""
-    a, b = _SPACE.sub(" ", a).strip(), _SPACE.sub(" ", b).strip()
-    longest = max(len(a), len(b))
-    return levenshtein(a, b) / longest if longest else 0.0
+    return Levenshtein.normalized_distance(_SPACE.sub(" ", a).strip(), _SPACE.sub(" ", b).strip())
 
 
 def copy_rate(distances: list[float], threshold: float) -> dict:
@@ -136,6 +133,11 @@ def copy_rate(distances: list[float], threshold: float) -> dict:
     }
 
 
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
 def summarize(
     outcomes: dict[str, dict[str, dict[str, str]]],
     objectives: list[str],
@@ -144,54 +146,49 @@ def summarize(
     treatment: str | None,
     samples: int,
     seed: int,
+    missing: dict[str, dict[str, int]] | None = None,
 ) -> dict:
-    """Per objective and candidate: counts, both win rates with CIs; averages; treatment-over-baseline improvement.
+    """Per objective and candidate: counts and the three rates with CIs; averages; treatment-over-baseline "+".
 
-    `outcomes[objective][candidate][item_id]` is 'win' | 'tie' | 'loss' | 'invalid' against the golden answer.
+    `outcomes[objective][candidate][item_id]` is 'win' | 'tie' | 'loss' | 'invalid' against the golden answer;
+    `missing[objective][candidate]` counts the items without that candidate (left out of its rates).
     """
+    missing = missing or {}
     per_objective: dict[str, dict] = {}
     for oi, obj in enumerate(objectives):
         per_objective[obj] = {}
         for ci, cand in enumerate(candidates):
             got = outcomes.get(obj, {}).get(cand, {})
-            entry = count(got.values()).as_dict()
-            values = scores(got.values())
-            s = seed + 1000 * oi + ci
-            entry["win_rate_ci"] = rate_ci(values, "win_rate", samples, s)
-            entry["net_win_rate_ci"] = rate_ci(values, "net_win_rate", samples, s)
+            entry = count(got.values(), missing.get(obj, {}).get(cand, 0)).as_dict()
+            values = codes(got.values())
+            for name in RATES:
+                entry[f"{name}_ci"] = rate_ci(values, name, samples, seed + 1000 * oi + ci)
             per_objective[obj][cand] = entry
     average = {}
     for cand in candidates:
-        rates = [per_objective[o][cand] for o in objectives if per_objective[o][cand]["total"]]
-        average[cand] = {
-            "win_rate": float(np.mean([r["win_rate"] for r in rates])) if rates else None,
-            "net_win_rate": float(np.mean([r["net_win_rate"] for r in rates])) if rates else None,
-            "objectives": len(rates),
-        }
-    result = {"per_objective": per_objective, "average": average}
+        rows = [per_objective[o][cand] for o in objectives if per_objective[o][cand]["judged"]]
+        average[cand] = {**{name: _mean([r[name] for r in rows]) for name in RATES}, "objectives": len(rows)}
+    result = {"rates": dict(RATES), "per_objective": per_objective, "average": average}
     if baseline and treatment and baseline != treatment:
-        result["improvement"] = _improvement(outcomes, per_objective, objectives, baseline, treatment, samples, seed)
+        result["improvement"] = _improvement(outcomes, objectives, baseline, treatment, samples, seed)
     return result
 
 
-def _improvement(outcomes, per_objective, objectives, baseline, treatment, samples, seed) -> dict:
-    """The paper's Table 2: treatment win rate minus baseline win rate per objective (and both definitions)."""
+def _improvement(outcomes, objectives, baseline, treatment, samples, seed) -> dict:
+    """Table 2's "+": rate(treatment) - rate(baseline) per objective, for each rate, over the items where both
+    candidates were judged (`paired_items`), with a paired bootstrap CI."""
     out: dict[str, dict] = {}
     for oi, obj in enumerate(objectives):
-        b, t = per_objective[obj][baseline], per_objective[obj][treatment]
-        if not (b["total"] and t["total"]):
-            continue
         base_map = outcomes.get(obj, {}).get(baseline, {})
         treat_map = outcomes.get(obj, {}).get(treatment, {})
-        paired = [i for i in base_map if base_map[i] in SCORE and treat_map.get(i) in SCORE]
-        bv = np.array([SCORE[base_map[i]] for i in paired], dtype=np.int8)
-        tv = np.array([SCORE[treat_map[i]] for i in paired], dtype=np.int8)
-        out[obj] = {
-            "win_rate": t["win_rate"] - b["win_rate"],
-            "net_win_rate": t["net_win_rate"] - b["net_win_rate"],
-            "win_rate_ci": improvement_ci(bv, tv, "win_rate", samples, seed + 7919 + oi),
-            "net_win_rate_ci": improvement_ci(bv, tv, "net_win_rate", samples, seed + 7919 + oi),
-            "paired_items": len(paired),
-        }
-    average = {k: float(np.mean([v[k] for v in out.values()])) if out else None for k in ("win_rate", "net_win_rate")}
+        paired = [i for i in base_map if i in treat_map]
+        if not paired:
+            continue
+        bv, tv = codes(base_map[i] for i in paired), codes(treat_map[i] for i in paired)
+        entry: dict = {"paired_items": len(paired)}
+        for name in RATES:
+            entry[name] = float(rate(tv, name) - rate(bv, name))
+            entry[f"{name}_ci"] = improvement_ci(bv, tv, name, samples, seed + 7919 + oi)
+        out[obj] = entry
+    average = {name: _mean([v[name] for v in out.values()]) for name in RATES}
     return {"baseline": baseline, "treatment": treatment, "per_objective": out, "average": average}

@@ -11,7 +11,7 @@ TIE = 0
 
 
 class JudgeUnavailable(RuntimeError):
-    """The judge could not be reached (or kept failing) after all retries."""
+    """The judge could not be reached (or kept failing) after all retries, or refused us (401/403/404)."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Verdict:
     choice: int | None
     attempts: int = 1
     raw: str = ""  # an excerpt of the judge's last reply, kept for invalid verdicts
+    rejected: bool = False  # the judge refused this comparison (HTTP 400/413/422): invalid, never cached
 
     def __post_init__(self):
         if self.choice not in (0, 1, 2, None):
