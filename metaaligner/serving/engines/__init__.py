@@ -43,6 +43,17 @@ def is_out_of_memory(error: BaseException | str) -> bool:
     return "out of memory" in error.lower()
 
 
+def claim(requests: dict, request_id: str):
+    """The open request `request_id` of an engine, marked as consumed: one reader per request."""
+    req = requests.get(request_id)
+    if req is None:
+        raise KeyError(f"unknown request id {request_id!r}")
+    if req.consumed:
+        raise ValueError(f"request {request_id} is already being consumed")
+    req.consumed = True
+    return req
+
+
 def failure(error: BaseException | str) -> EngineError:
     """The engine error for what a generation raised or reported: out of memory -> EngineOverloaded (503)."""
     if isinstance(error, EngineError):

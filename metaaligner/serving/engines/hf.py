@@ -19,7 +19,7 @@ from typing import AsyncIterator
 
 from metaaligner.serving.config import HFEngineConfig
 from metaaligner.serving.corrector import Generation, GenerationParams, IncrementalDetokenizer, TextGenerator
-from metaaligner.serving.engines import Engine, EngineError, EngineOverloaded, failure
+from metaaligner.serving.engines import Engine, EngineError, EngineOverloaded, claim, failure
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ContinuousHFEngine(Engine):
         return rid
 
     async def result(self, request_id: str) -> Generation:
-        req = self._claim(request_id)
+        req = claim(self._requests, request_id)
         try:
             while True:
                 out = await req.queue.get()
@@ -145,7 +145,7 @@ class ContinuousHFEngine(Engine):
                 self.cancel(request_id)
 
     async def stream(self, request_id: str) -> AsyncIterator[str | Generation]:
-        req = self._claim(request_id)
+        req = claim(self._requests, request_id)
         if not req.stream:
             raise ValueError("stream() needs a request submitted with stream=True")
         try:
@@ -190,15 +190,6 @@ class ContinuousHFEngine(Engine):
             log.exception("engine hf: stopping the continuous batching manager failed")
 
     # -- helpers ----------------------------------------------------------------------------------------------------
-    def _claim(self, request_id: str) -> _Request:
-        req = self._requests.get(request_id)
-        if req is None:
-            raise KeyError(f"unknown request id {request_id!r}")
-        if req.consumed:
-            raise ValueError(f"request {request_id} is already being consumed")
-        req.consumed = True
-        return req
-
     def _finish(self, request_id: str, req: _Request, out) -> Generation:
         req.done = True
         self._forget(request_id)

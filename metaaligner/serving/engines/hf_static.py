@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 from metaaligner.serving.corrector import Generation, GenerationParams, TextGenerator
-from metaaligner.serving.engines import Engine, failure
+from metaaligner.serving.engines import Engine, claim, failure
 
 _DONE = object()
 
@@ -88,7 +88,7 @@ class StaticHFEngine(Engine):
                 self._running = 0
 
     async def result(self, request_id: str) -> Generation:
-        req = self._claim(request_id)
+        req = claim(self._requests, request_id)
         try:
             gen = await req.future
         except asyncio.CancelledError:
@@ -104,7 +104,7 @@ class StaticHFEngine(Engine):
         return gen
 
     async def stream(self, request_id: str) -> AsyncIterator[str | Generation]:
-        req = self._claim(request_id)
+        req = claim(self._requests, request_id)
         it = self.generator.stream(req.ids, req.params, cancelled=req.cancelled)
         finished = False
         try:
@@ -152,12 +152,3 @@ class StaticHFEngine(Engine):
         self.counters.finished += len(gens)
         self.counters.generated_tokens += sum(g.completion_tokens for g in gens)
         return gens
-
-    def _claim(self, request_id: str) -> _Request:
-        req = self._requests.get(request_id)
-        if req is None:
-            raise KeyError(f"unknown request id {request_id!r}")
-        if req.consumed:
-            raise ValueError(f"request {request_id} is already being consumed")
-        req.consumed = True
-        return req
