@@ -312,7 +312,7 @@ def main() -> None:
             r["pairs_per_min"] = round(60 * args.pairs / r["wall_s"])
             if label == "a":
                 summary = storage.read_json(storage.join(dst, "_summary.json"), StorageConfig())
-                r["job"] = {k: summary[k] for k in ("wall_time_s", "timings", "duplicate_check", "duplicates",
+                r["job"] = {k: summary[k] for k in ("wall_time_s", "commit_s", "timings", "duplicate_check", "duplicates",
                                                      "column_path_rows", "items_total")}
             if not (args.no_verify or args.scale):
                 r["items"], r["checksum"] = checksum(dst)

@@ -75,6 +75,15 @@ def test_commit_rerun_and_failed_run(out_uri, storage):
     assert final["results.json"] == "r3"
 
 
+def test_commit_moves_many_files_and_times_itself(out_uri, storage):
+    files = {f"part-{i:03d}.txt": f"text {i}" for i in range(40)}
+    _run(out_uri, storage, {"old.txt": "old"}, {"n": 0})
+    _run(out_uri, storage, files, {"n": 1})
+    assert _files(out_uri, storage) == {**files, MANIFEST: _files(out_uri, storage)[MANIFEST],
+                                        "_summary.json": _files(out_uri, storage)["_summary.json"]}
+    assert st.read_json(st.join(out_uri, "_summary.json"), storage)["commit_s"] >= 0
+
+
 def test_foreign_files_are_never_deleted_or_overwritten(out_uri, storage):
     with open_output_stream(st.join(out_uri, "results.json"), storage) as f:
         f.write(b"the user's own file")
