@@ -129,6 +129,17 @@ def test_summarize_gives_table2_improvement_on_paired_items():
     assert set(result["rates"]) == {"win_rate", "win_tie_rate", "net_win_rate"}
 
 
+def test_summarize_does_not_depend_on_the_order_verdicts_arrived_in():
+    """A resumed run holds cached verdicts first and fresh ones after; its CIs must equal a fresh run's."""
+    rng = np.random.default_rng(3)
+    ids = [f"i{k:02d}" for k in range(30)]
+    verdicts = {c: dict(zip(ids, rng.choice(["win", "tie", "loss", "invalid"], size=30))) for c in ("base", "treat")}
+    shuffled = {c: {i: v[i] for i in rng.permutation(ids)} for c, v in verdicts.items()}
+    a, b = ({"Calmness": o} for o in (verdicts, shuffled))
+    assert summarize(a, ["Calmness"], ["base", "treat"], "base", "treat", 200, 0) == \
+        summarize(b, ["Calmness"], ["base", "treat"], "base", "treat", 200, 0)
+
+
 def test_edit_distance_and_copy_rate():
     assert normalized_edit_distance("kitten", "sitting") == pytest.approx(3 / 7)
     assert normalized_edit_distance("Hello  world", "Hello world") == 0.0

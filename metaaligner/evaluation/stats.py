@@ -151,7 +151,8 @@ def summarize(
     """Per objective and candidate: counts and the three rates with CIs; averages; treatment-over-baseline "+".
 
     `outcomes[objective][candidate][item_id]` is 'win' | 'tie' | 'loss' | 'invalid' against the golden answer;
-    `missing[objective][candidate]` counts the items without that candidate (left out of its rates).
+    `missing[objective][candidate]` counts the items without that candidate (left out of its rates). Items are
+    resampled in id order, so a resumed run (cached verdicts first) reports the same CIs as a fresh one.
     """
     missing = missing or {}
     per_objective: dict[str, dict] = {}
@@ -160,7 +161,7 @@ def summarize(
         for ci, cand in enumerate(candidates):
             got = outcomes.get(obj, {}).get(cand, {})
             entry = count(got.values(), missing.get(obj, {}).get(cand, 0)).as_dict()
-            values = codes(got.values())
+            values = codes(got[i] for i in sorted(got))  # by item id: the CIs never depend on arrival order
             for name in RATES:
                 entry[f"{name}_ci"] = rate_ci(values, name, samples, seed + 1000 * oi + ci)
             per_objective[obj][cand] = entry
@@ -181,7 +182,7 @@ def _improvement(outcomes, objectives, baseline, treatment, samples, seed) -> di
     for oi, obj in enumerate(objectives):
         base_map = outcomes.get(obj, {}).get(baseline, {})
         treat_map = outcomes.get(obj, {}).get(treatment, {})
-        paired = [i for i in base_map if i in treat_map]
+        paired = sorted(i for i in base_map if i in treat_map)
         if not paired:
             continue
         bv, tv = codes(base_map[i] for i in paired), codes(treat_map[i] for i in paired)
