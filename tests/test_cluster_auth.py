@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,20 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cluster_multinode import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60
 CLI_TIMEOUT_S = 90
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def manifest_head():

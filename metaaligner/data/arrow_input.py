@@ -3,8 +3,7 @@
 A source is one input file, or one block of an in-memory dataset, named by its index in the run's source
 list (the file index: no per-row path strings travel with the data). Rows are numbered from 0 within their
 source, in the order every pass reads them, so (source, row) locates a row for the duplicate check.
-Reading errors are classified as `input_files.file_batches` does: a storage outage propagates, anything
-else is the file's `BadInputFile`.
+Reading errors are classified: a storage outage propagates, anything else is the file's `BadInputFile`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from metaaligner.data.input_files import READERS, BadInputFile, is_storage_outage
+from metaaligner.data.input_files import BadInputFile, is_storage_outage, jsonl_lines
 
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
 
@@ -104,7 +103,7 @@ def _csv(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[
 
 
 def _jsonl(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[list]:
-    yield from READERS["jsonl"](fs, path, batch_size)  # raw lines: each line is decoded by the per-row path
+    yield from jsonl_lines(fs, path, batch_size)  # raw lines: each line is decoded by the per-row path
 
 
 _READERS = {"parquet": _parquet, "csv": _csv, "jsonl": _jsonl}
