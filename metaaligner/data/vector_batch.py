@@ -4,7 +4,7 @@ Rows that pass the vectorised checks (vector_checks) go through Algorithm 1 on A
 every other row -- a check failed, a held-out question, a format without a column form (UltraFeedback,
 FastChat, JSON lines) -- goes through the per-row path (`transform.Reformulator`) unchanged, so its
 quarantine reasons and counters are the per-row path's own. Rows named in `defer` are left out: the
-duplicate check (partitioned_dedup) resolves them after the main pass.
+duplicate check (duplicates, duplicate_passes) resolves them after the main pass.
 """
 
 from __future__ import annotations
