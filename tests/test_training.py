@@ -295,13 +295,13 @@ def test_changed_stage_retrains_it_and_every_later_stage(trained, storage_config
         "contrastive"]
 
 
-def test_length_grouped_example_steps_with_zero2(tiny_train, storage_config, ray_cluster):
+def test_length_grouped_example_steps_with_zero2_in_bench_mode(tiny_train, storage_config, ray_cluster):
     """The padded path (length-grouped rows x longest within the token budget) under ZeRO-2, local storage,
     with `global_batch_examples`: every step holds exactly 6 examples (an epoch's last one fewer), spread over
-    a varying number of micro-batches per step."""
+    a varying number of micro-batches per step. Bench mode (`save_checkpoints: false`): no checkpoint at all."""
     cfg, _ = tiny_train
     cfg = cfg.model_copy(update={"packing": False, "attn_implementation": "sdpa", "log_sample_ids": True,
-                                 "checkpoint_every": 0,
+                                 "checkpoint_every": 0, "save_checkpoints": False,
                                  "global_batch_examples": 6,
                                  "deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": 2}),
                                  "warmup": cfg.warmup.model_copy(update={"fraction": 1.0, "epochs": 3})})
@@ -312,6 +312,9 @@ def test_length_grouped_example_steps_with_zero2(tiny_train, storage_config, ray
     assert [len(samples[i]) for i in sorted(samples)] == [6, 2] * 3
     assert s["last_loss"] < s["first_loss"] and s["padding_fraction"] > 0.01  # padded rows, unlike packing
     assert (Path(cfg.output) / "warmup" / "model" / "model.safetensors").is_file()
+    assert s["checkpoint"] is None and s["kernels"] == "torch"
+    written = [p for p in Path(cfg.checkpoint_root).rglob("*") if p.is_file()]
+    assert not [p for p in written if "step" in p.parent.name or p.suffix in (".pt", ".safetensors")], written
 
 
 # ---- bad input: clear errors before any worker starts ----

@@ -3,6 +3,9 @@ truncation, planning, config refusals, kernel selection, FLOP convention, checkp
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +158,8 @@ def test_torch_varlen_call_adapts_to_the_installed_signature(torch_version):
     ({"kernels": "liger"}, "kernels: liger needs use_gpu"),
     ({"micro_batch_tokens": 100, "max_length": 256}, "would fit no micro-batch"),
     ({"global_batch_examples": 64, "deepspeed": {"grad_accum": 2}}, "derived per step"),
+    ({"save_checkpoints": False, "checkpoint_every": 10}, "checkpoint_every needs save_checkpoints"),
+    ({"compile": True, "deepspeed": {"zero_stage": 3}}, "compile: true needs deepspeed.zero_stage <= 2"),
 ])
 def test_leaking_or_impossible_combinations_are_refused_at_config_time(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -169,22 +174,108 @@ def test_auto_attention_is_the_padding_free_cpu_path_and_safe_elsewhere():
     assert TrainConfig(**base, use_gpu=True).attention == "sdpa"  # GPU configs name their varlen kernel
 
 
-def test_liger_is_chosen_when_importable_on_a_gpu_and_refused_clearly_otherwise():
-    from metaaligner.training.kernels import liger_importable, select_kernels
+class _FakeLiger(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """An import hook standing in for an installed liger-kernel (`find_spec` finds it): `import_error` makes importing
+    it fail (as a Triton/torch mismatch does); otherwise its transformers integration patches with `patch`."""
 
-    assert select_kernels("auto", True, cuda=True, importable=True) == "liger"
-    assert select_kernels("liger", True, cuda=True, importable=True) == "liger"
-    assert select_kernels("auto", True, cuda=True, importable=False) == "torch"
-    assert select_kernels("auto", False, cuda=True, importable=True) == "torch"
-    assert select_kernels("torch", True, cuda=True, importable=True) == "torch"
-    with pytest.raises(RuntimeError, match=r"liger-kernel is not installed; install the \[gpu\] extra"):
-        select_kernels("liger", True, cuda=True, importable=False)
+    def __init__(self, import_error: Exception | None = None, patch=None):
+        self.import_error, self.patch = import_error, patch
+
+    def find_spec(self, name, path, target=None):
+        if name in ("liger_kernel", "liger_kernel.transformers"):
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        if self.import_error is not None:
+            raise self.import_error
+        if module.__name__ == "liger_kernel.transformers":
+            module._apply_liger_kernel_to_instance = self.patch
+            module.LigerFusedLinearCrossEntropyLoss = lambda **kw: ("fused-loss", kw)
+
+
+@pytest.fixture
+def fake_liger():
+    """install(**kwargs): a fresh fake liger-kernel (replacing an earlier one), removed after the test."""
+
+    def uninstall():
+        sys.meta_path[:] = [h for h in sys.meta_path if not isinstance(h, _FakeLiger)]
+        for name in [m for m in sys.modules if m.startswith("liger_kernel")]:
+            del sys.modules[name]
+
+    def install(**kwargs):
+        uninstall()
+        sys.meta_path.insert(0, _FakeLiger(**kwargs))
+
+    yield install
+    uninstall()
+
+
+def test_liger_is_refused_clearly_where_it_cannot_run():
+    from metaaligner.training.kernels import KernelChoice, liger_import_error, select_kernels
+
+    assert select_kernels("torch", True, cuda=True) == KernelChoice("torch")
+    assert select_kernels("auto", False, cuda=True) == KernelChoice("torch", "use_gpu is false")
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        select_kernels("liger", True, cuda=False, importable=True)
+        select_kernels("liger", True, cuda=False)
     # this machine: no GPU, liger-kernel not installed -> auto is torch, liger is refused with the install hint
-    assert not liger_importable() and select_kernels("auto", True) == "torch"
-    with pytest.raises(RuntimeError, match="metaaligner\\[gpu\\]"):
-        select_kernels("liger", True)
+    assert liger_import_error() == "liger-kernel is not installed"
+    assert select_kernels("auto", True, cuda=True) == KernelChoice("torch", "liger-kernel is not installed")
+    with pytest.raises(RuntimeError, match=r"liger-kernel is not installed; install the \[gpu\] extra"):
+        select_kernels("liger", True, cuda=True)
+
+
+def test_auto_uses_liger_only_when_it_imports(fake_liger):
+    """An installed liger-kernel whose import fails (simulated by an import hook) is not picked by `auto`."""
+    from metaaligner.training.kernels import KernelChoice, select_kernels
+
+    fake_liger(import_error=ImportError("triton 3.6 is not supported"))
+    choice = select_kernels("auto", True, cuda=True)
+    assert choice.kernels == "torch"
+    assert choice.reason == "liger-kernel does not import (ImportError: triton 3.6 is not supported)"
+    with pytest.raises(RuntimeError, match=r"liger requested but liger-kernel does not import .*\[gpu\]"):
+        select_kernels("liger", True, cuda=True)
+    fake_liger(patch=lambda model, **kw: None)  # one that imports
+    assert select_kernels("auto", True, cuda=True) == KernelChoice("liger")
+
+
+def test_auto_falls_back_to_an_unpatched_model_when_liger_does_not_patch(fake_liger):
+    """A patch that fails half-way under `auto`: the torch path, the modeling module's functions as they were."""
+    from transformers.models.llama import modeling_llama
+
+    from metaaligner.training.kernels import patch_liger
+
+    def half_patch(model, **kwargs):
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: 1 / 0  # a module-level patch, then a failure
+        modeling_llama.LIGER_LEFTOVER = True
+        raise RuntimeError("unsupported model")
+
+    fake_liger(patch=half_patch)
+    rope, ids = modeling_llama.apply_rotary_pos_emb, torch.randint(3, 97, (1, 12))
+    with torch.no_grad():
+        expected = _tiny_llama("sdpa")(input_ids=ids).logits
+    assert patch_liger(_tiny_llama("sdpa"), "auto", 2) == (
+        None, "liger-kernel did not patch the model (RuntimeError: unsupported model)")
+    assert modeling_llama.apply_rotary_pos_emb is rope and not hasattr(modeling_llama, "LIGER_LEFTOVER")
+    with torch.no_grad():
+        torch.testing.assert_close(_tiny_llama("sdpa")(input_ids=ids).logits, expected)  # the torch path runs
+    with pytest.raises(RuntimeError, match="unsupported model"):
+        patch_liger(_tiny_llama("sdpa"), "liger", 2)  # asked for explicitly: an error, the module restored too
+    assert modeling_llama.apply_rotary_pos_emb is rope
+
+
+def test_a_clean_liger_patch_gives_the_fused_loss_except_under_zero3(fake_liger):
+    from metaaligner.training.kernels import LIGER_PATCHES, patch_liger
+
+    calls = []
+    fake_liger(patch=lambda model, **kw: calls.append(kw))
+    fused, failed = patch_liger(_tiny_llama("sdpa"), "auto", 2)
+    assert failed is None and fused == ("fused-loss", {"ignore_index": -100, "reduction": "sum"})
+    assert patch_liger(_tiny_llama("sdpa"), "auto", 3) == (None, None)  # lm_head is partitioned under ZeRO-3
+    assert calls == [LIGER_PATCHES, LIGER_PATCHES]
 
 
 def test_only_target_tokens_are_scored_whatever_the_prompt(tokenizer):
@@ -261,6 +352,15 @@ def test_deepspeed_config_from_settings():
         TrainConfig(data="d", base_model="m", output="o", deepspeed={"zero_stage": 2, "offload_params": True})
 
 
+def test_torch_adamw_runs_fused_where_its_states_are_on_the_gpu():
+    stage = StageConfig()
+    assert build_deepspeed_config(DeepSpeedSettings(torch_adam=True), stage, 1, 10, True)["optimizer"]["params"][
+        "fused"] is True
+    for settings, gpu in ((DeepSpeedSettings(torch_adam=True), False), (DeepSpeedSettings(), True),
+                          (DeepSpeedSettings(torch_adam=True, offload_optimizer=True), True)):
+        assert "fused" not in build_deepspeed_config(settings, stage, 1, 10, gpu)["optimizer"]["params"]
+
+
 @pytest.mark.parametrize("name, zero, max_length", [("train-tinyllama-1.1b", 2, 2048), ("train-llama2-7b", 2, 4096),
                                                      ("train-llama2-13b-zero3", 3, 4096)])
 def test_paper_setup_configs_carry_table_5(name, zero, max_length):
@@ -332,7 +432,41 @@ def test_flop_convention_matches_counted_matmuls(tmp_path):
     assert training_flops(shape, [s], [s])[0] == pytest.approx(3 * causal_fwd)
     skipped = training_flops(shape, [s], [s]) - training_flops(shape, [s], [s - 10])
     assert skipped[0] == pytest.approx(6 * shape.lm_head * 10)  # no lm_head where no loss is computed
-    assert anchor_flops(shape, [s])[0] == 6 * shape.n_total * s
+    # the anchor's convention: full attention over the padded row length (the example's own length when packed)
+    assert anchor_flops(shape, [s])[0] == (6 * shape.n_total + 12 * shape.layers * shape.hidden * s) * s
+    assert anchor_flops(shape, [s], [64])[0] == (6 * shape.n_total + 12 * shape.layers * shape.hidden * 64) * s
+
+
+def test_anchor_convention_gives_the_environment_anchor(tmp_path):
+    """shared/ENVIRONMENT.md: TinyLlama-1.1B at seq 2048, 38.6k tok/s on an H100 (989 TFLOP/s) is 30.1 % MFU,
+    i.e. 6*N_total + 12*L*h*s = 7.71e9 FLOP per token (6*N_total alone would give 25.8 %)."""
+    from transformers import LlamaConfig
+
+    from metaaligner.training.metrics import ModelShape, anchor_flops
+
+    LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4).save_pretrained(tmp_path)
+    shape = ModelShape.from_config(tmp_path)
+    per_token = anchor_flops(shape, [2048])[0] / 2048
+    assert per_token == pytest.approx(7.71e9, rel=1e-3)
+    assert round(38.6e3 * per_token / 989e12, 3) == 0.301
+
+
+def test_step_stats_count_the_anchor_at_the_padded_row_length():
+    """Padded micro-batches: every row counts 12*L*h*s at its micro-batch's longest s; packed: its own length."""
+    from metaaligner.training.metrics import ModelShape, anchor_flops
+    from metaaligner.training.packing import step_stats
+
+    shape = ModelShape(n_matmul=1000, n_total=1200, layers=2, hidden=8, lm_head=100)
+    keys, lengths = np.arange(4), np.array([10, 30, 12, 28])
+    for packing in (True, False):
+        plan = plan_stage(keys, lengths, epochs=1, max_steps=None, packing=packing, budget=64, world=1)
+        stats = step_stats(plan, keys, lengths, lengths // 2, shape, packing)
+        widths = {int(k): (lengths[k] if packing else max(lengths[plan.micro(m)]))
+                  for m in range(len(plan.micro_starts) - 1) for k in plan.micro(m)}
+        expected = sum(anchor_flops(shape, [lengths[k]], [widths[k]])[0] for k in keys)
+        assert stats.flops_anchor.sum() == pytest.approx(expected)
+    assert widths != {k: lengths[k] for k in keys}  # the padded plan did pad
 
 
 def test_gpu_peaks():

@@ -68,6 +68,8 @@ class TrainConfig(Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources per worker, e.g. a custom one that pins one worker per node")
     max_failures: int = Field(0, ge=-1, description="FailureConfig.max_failures (-1: retry forever)")
+    save_checkpoints: bool = Field(True, description="false: no checkpoint at all, not even at the stage end "
+                                                     "(benchmarks; a failed run then restarts the stage)")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: stage end only)")
     checkpoint_upload_attempts: int = Field(4, ge=1, description="tries per checkpoint upload (backoff 2, 4, 8 s ...)")
     keep_checkpoints: int = Field(2, ge=1)
@@ -81,7 +83,9 @@ class TrainConfig(Section):
                             "cu_seq_lens; flex_attention: GPU block mask")
     kernels: Literal["auto", "liger", "torch"] = Field(
         "auto", description="liger: liger-kernel RMSNorm/RoPE/SwiGLU + fused linear cross-entropy (the [gpu] extra, "
-                            "GPU only); auto: liger when importable on a GPU worker, else torch")
+                            "GPU only); auto: liger where it imports and patches cleanly on a GPU worker, else torch "
+                            "(the reason is logged)")
+    compile: bool = Field(False, description="torch.compile each decoder layer (ZeRO 0-2); the first steps compile")
     export_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     peak_tflops: float | None = Field(None, gt=0, description="per-worker peak for MFU (None: GPU table / CPU matmul probe)")
     trust_remote_code: bool = False
@@ -110,6 +114,11 @@ class TrainConfig(Section):
                              f"packing: false")
         if self.kernels == "liger" and not self.use_gpu:
             raise ValueError("kernels: liger needs use_gpu: true (liger-kernel is Triton, GPU only); use kernels: torch")
+        if self.checkpoint_every and not self.save_checkpoints:
+            raise ValueError("checkpoint_every needs save_checkpoints: true")
+        if self.compile and ds.zero_stage == 3:
+            raise ValueError("compile: true needs deepspeed.zero_stage <= 2 (ZeRO-3 gathers parameters in module "
+                             "hooks around each layer)")
         if self.token_budget < self.max_length:
             raise ValueError(f"micro_batch_tokens {self.token_budget} < max_length {self.max_length}: "
                              f"an example of max_length tokens would fit no micro-batch")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from metaaligner.training.config import DeepSpeedSettings, StageConfig
 
 
-def build_deepspeed_config(ds: DeepSpeedSettings, stage: StageConfig, world_size: int, total_steps: int) -> dict:
-    """AdamW + warm-up/cosine schedule, ZeRO `ds.zero_stage`, optional CPU offload, bf16 or fp32.
+def build_deepspeed_config(ds: DeepSpeedSettings, stage: StageConfig, world_size: int, total_steps: int,
+                           use_gpu: bool = False) -> dict:
+    """AdamW + warm-up/cosine schedule, ZeRO `ds.zero_stage`, optional CPU offload, bf16 or fp32. torch's AdamW
+    (`torch_adam`) runs fused (one kernel per step, `fused=True`) where its states live on the GPU.
 
     The trainer owns the accumulation boundary (`managed_gradient_accumulation: false`): a step may hold a
     different number of micro-batches (example-count steps), each `backward` only accumulates, and `step()`
@@ -37,6 +39,8 @@ def build_deepspeed_config(ds: DeepSpeedSettings, stage: StageConfig, world_size
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
     }
+    if ds.torch_adam and use_gpu and not ds.offload_optimizer:
+        config["optimizer"]["params"]["fused"] = True
     zero = config["zero_optimization"]
     if ds.zero_stage >= 2:
         zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e7)

@@ -27,31 +27,43 @@ from metaaligner.training.tokens import TokenStore
 PREFETCH = 4  # micro-batches collated ahead
 
 
-def _build_engine(cfg: dict, model_dir: Path, kernels: str):
+def _build_engine(cfg: dict, model_dir: Path, choice):
+    """The DeepSpeed engine around the model with the chosen kernels (`choice`: kernels.KernelChoice); returns
+    (engine, ZeRO-3 config holder, fused loss in use, the kernels that run, why torch where liger was tried)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from metaaligner.training.kernels import apply_liger
+    from metaaligner.training.kernels import patch_liger
     from metaaligner.training.objective import TargetTokenLoss
 
     ds_config = cfg["ds_config"]
+    zero_stage = ds_config["zero_optimization"]["stage"]
     deepspeed.init_distributed(dist_backend="nccl" if cfg["use_gpu"] else "gloo")  # adopts Ray's process group
     # ZeRO-3: keep this object alive so from_pretrained builds the model partitioned (zero.Init).
-    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32,
-        attn_implementation=cfg["attn_implementation"], use_safetensors=True,
-        trust_remote_code=cfg["trust_remote_code"],
-    )
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage == 3 else None
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32,
+            attn_implementation=cfg["attn_implementation"], use_safetensors=True,
+            trust_remote_code=cfg["trust_remote_code"])
+
+    model, fused, kernels, reason = load(), None, choice.kernels, choice.reason
+    if kernels == "liger":
+        fused, failed = patch_liger(model, cfg["kernels"], zero_stage)
+        if failed:  # auto: the torch path on a freshly loaded model
+            model, kernels, reason = load(), "torch", failed
     model.config.use_cache = False  # a KV cache would disable the packed (block-diagonal) mask
     if cfg["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fused = apply_liger(model, ds_config["zero_optimization"]["stage"]) if kernels == "liger" else None
+    if cfg["compile"]:
+        for layer in model.get_decoder().layers:
+            layer.compile(dynamic=True)  # one graph for every micro-batch length (no recompiles)
     wrapped = TargetTokenLoss(model, fused)
     engine, *_ = deepspeed.initialize(
         model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config)
-    return engine, hf_ds, fused is not None
+    return engine, hf_ds, fused is not None, kernels, reason
 
 
 def _fill_store(shard, keys: np.ndarray, index_keys: np.ndarray, index_lengths: np.ndarray) -> TokenStore:
@@ -172,14 +184,16 @@ def train_func(cfg: dict) -> None:
         torch.cuda.set_device(device)
     storage = StorageConfig(**cfg["storage"])
     prepare_backend(cfg["attn_implementation"], use_gpu)
-    kernels = select_kernels(cfg["kernels"], use_gpu)
     model_dir = local_model_dir(cfg["model_uri"], storage)
-    engine, _hf_ds, fused = _build_engine(cfg, model_dir, kernels)
+    engine, _hf_ds, fused, kernels, kernels_reason = _build_engine(
+        cfg, model_dir, select_kernels(cfg["kernels"], use_gpu))
     stage = cfg["stage"]
     if rank == 0:
         fallback = " (liger's fused loss is off under ZeRO-3: lm_head is partitioned)" if kernels == "liger" else ""
         loss_path = "liger fused linear cross-entropy" if fused else f"lm_head at targets + cross-entropy{fallback}"
-        print(f"[{stage}] attention {cfg['attn_implementation']}, kernels {kernels}, loss: {loss_path}", flush=True)
+        why = f" ({kernels_reason})" if kernels_reason else ""
+        print(f"[{stage}] attention {cfg['attn_implementation']}, kernels {kernels}{why}, loss: {loss_path}"
+              f"{', decoder layers compiled' if cfg['compile'] else ''}", flush=True)
 
     shared = ray.get(cfg["plan_ref"])
     plan, stats = shared["plan"], shared["stats"]
@@ -237,6 +251,7 @@ def train_func(cfg: dict) -> None:
     engine.train()
     metrics: dict = {}
     window_start, window_t0 = start, time.perf_counter()
+    first_record = {"kernels": kernels, "kernels_reason": kernels_reason}
     try:
         for step in range(start, n_steps):
             lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies (a host float)
@@ -272,18 +287,19 @@ def train_func(cfg: dict) -> None:
                     "step_time_s": dt / (step + 1 - window_start),
                 }
                 if rank == 0:
-                    logger.log(metrics)
+                    logger.log({**metrics, **first_record})  # the first record of a run names its kernels
+                    first_record = {}
                     print(f"[{stage}] step {step + 1}/{n_steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
                           f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:.0f} tok/s "
-                          f"mfu {metrics['mfu']:.1%} (6N_total: {metrics['mfu_anchor']:.1%})", flush=True)
+                          f"mfu {metrics['mfu']:.1%} (anchor convention: {metrics['mfu_anchor']:.1%})", flush=True)
                 window_start, window_t0 = step + 1, time.perf_counter()
             every = cfg["checkpoint_every"]
-            if step + 1 < n_steps and every and (step + 1) % every == 0:
+            if step + 1 < n_steps and every and (step + 1) % every == 0:  # config: every > 0 needs save_checkpoints
                 save(step + 1, metrics)
                 window_start, window_t0 = step + 1, time.perf_counter()  # checkpoint time is not step time
     finally:
         prefetch.close()
-    if start < n_steps or checkpoint is None:
+    if cfg["save_checkpoints"] and (start < n_steps or checkpoint is None):
         save(n_steps, metrics)
 
     dtype = DTYPES[cfg["export_dtype"]]

@@ -198,7 +198,7 @@ class StepStats:
     targets: np.ndarray  # supervised positions (the loss denominator)
     computed: np.ndarray  # positions the model computes: tokens with packing, rows x longest padded
     flops: np.ndarray  # our convention (metrics.training_flops)
-    flops_anchor: np.ndarray  # 6 * N_total per non-pad token
+    flops_anchor: np.ndarray  # metrics.ANCHOR_CONVENTION
 
 
 def step_stats(plan: Plan, keys: np.ndarray, lengths: np.ndarray, n_target: np.ndarray, shape, packing: bool) -> StepStats:
@@ -218,6 +218,7 @@ def step_stats(plan: Plan, keys: np.ndarray, lengths: np.ndarray, n_target: np.n
     micro_of_key = np.repeat(np.arange(len(plan.micro_starts) - 1), np.diff(plan.micro_starts))
     if packing:
         computed = per_step(lens)
+        padded = None  # each example is its own sequence
     else:
         n_micro = len(plan.micro_starts) - 1
         longest = np.zeros(n_micro)
@@ -225,6 +226,7 @@ def step_stats(plan: Plan, keys: np.ndarray, lengths: np.ndarray, n_target: np.n
         rows = np.diff(plan.micro_starts).astype(np.float64)
         step_of_micro = np.repeat(np.arange(n), np.diff(plan.step_starts))
         computed = np.bincount(step_of_micro, weights=rows * longest, minlength=n)
+        padded = longest[micro_of_key]  # every row is padded to its micro-batch's longest
     return StepStats(examples=per_step(np.ones_like(lens)).astype(np.int64), tokens=per_step(lens).astype(np.int64),
                      targets=per_step(tgts).astype(np.int64), computed=computed.astype(np.int64),
-                     flops=per_step(per_example), flops_anchor=per_step(anchor_flops(shape, lens)))
+                     flops=per_step(per_example), flops_anchor=per_step(anchor_flops(shape, lens, padded)))

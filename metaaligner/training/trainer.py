@@ -70,10 +70,10 @@ def preflight(cfg: TrainConfig, storage: StorageConfig, stages: list[str]) -> No
                                 f"run the earlier stage first") from None
     load_tokenizer(local_model_dir(first, storage, weights=False), cfg.trust_remote_code)
     if cfg.kernels == "liger":
-        from metaaligner.training.kernels import INSTALL_HINT, liger_importable
+        from metaaligner.training.kernels import INSTALL_HINT, liger_import_error
 
-        if not liger_importable():
-            raise RuntimeError(f"kernels: liger requested but liger-kernel is not installed; {INSTALL_HINT}")
+        if (missing := liger_import_error()) is not None:
+            raise RuntimeError(f"kernels: liger requested but {missing}; {INSTALL_HINT}")
 
 
 def _ray_storage(uri: str, storage: StorageConfig):
@@ -113,7 +113,7 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict
                       global_batch_examples=cfg.global_batch_examples, seed=cfg.seed)
     shape = ModelShape.from_config(meta_dir)
     stats = step_stats(plan, index["keys"], index["lengths"], index["n_target"], shape, cfg.packing)
-    ds_config = build_deepspeed_config(ds, scfg, world, len(plan))
+    ds_config = build_deepspeed_config(ds, scfg, world, len(plan), cfg.use_gpu)
     plan_digest = hashlib.sha256(plan.digest_payload() + json.dumps(
         [ds_config, model_uri, ds.precision], sort_keys=True).encode()).hexdigest()[:16]
     # The plan travels through the object store, not inside the loop config (it grows with the data).
@@ -125,8 +125,9 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict
         "stage": stage, "model_uri": model_uri, "storage": storage.model_dump(), "plan_ref": plan_ref,
         "plan_digest": plan_digest, "ds_config": ds_config, "precision": ds.precision, "packing": cfg.packing,
         "activation_checkpointing": ds.activation_checkpointing, "attn_implementation": cfg.attention,
-        "kernels": cfg.kernels, "trust_remote_code": cfg.trust_remote_code, "pad_id": tokenizer.pad_token_id,
-        "use_gpu": cfg.use_gpu, "peak_tflops": cfg.peak_tflops, "checkpoint_every": cfg.checkpoint_every,
+        "kernels": cfg.kernels, "compile": cfg.compile, "trust_remote_code": cfg.trust_remote_code,
+        "pad_id": tokenizer.pad_token_id, "use_gpu": cfg.use_gpu, "peak_tflops": cfg.peak_tflops,
+        "save_checkpoints": cfg.save_checkpoints, "checkpoint_every": cfg.checkpoint_every,
         "checkpoint_upload_attempts": cfg.checkpoint_upload_attempts, "log_every": cfg.log_every,
         "log_sample_ids": cfg.log_sample_ids, "export_uri": out.path("model"), "logs_uri": out.path("logs"),
         "export_dtype": cfg.export_dtype, "faults": faults,
@@ -168,6 +169,8 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict
         "examples_per_step": {"min": int(stats.examples.min()), "max": int(stats.examples.max())},
         "global_batch_examples": cfg.global_batch_examples, "micro_batch_tokens": cfg.token_budget,
         "workers": world, "packing": cfg.packing, "attn_implementation": cfg.attention,
+        "kernels": records[0].get("kernels"), "kernels_reason": records[0].get("kernels_reason"),
+        "compile": cfg.compile,
         "non_pad_tokens": int(stats.tokens.sum()), "target_tokens": int(stats.targets.sum()),
         "padding_fraction": 1 - float(stats.tokens.sum()) / max(float(stats.computed.sum()), 1.0),
         "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
