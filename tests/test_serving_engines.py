@@ -4,6 +4,9 @@ imports with a GPU; greedy equality of hf and hf_static; cancellation; failure m
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -87,8 +90,40 @@ def test_contract_result_stream_cancel_stats(engine):
     assert stats["generated_tokens"] >= sum(g.completion_tokens for g in gens)
     if engine.name != "vllm":  # vLLM does not expose its per-step batch to us
         assert stats["max_occupancy"] >= 2
+    if engine.name == "hf":  # which attention its paged cache runs: on CPU sdpa with a dense mask over the cache
+        attention = stats["attention"]
+        assert attention["implementation"] == "sdpa" and attention["dense_mask"] is True
+        assert attention["mask_shape"] == [attention["max_batch_tokens"],
+                                           attention["cache_tokens"] + attention["max_batch_tokens"]]
     with pytest.raises(InputTooLong, match="the limit is"):
         engine.encode("word " * 3000, 12)
+
+
+def test_a_cancelled_request_stops_generating(engine):
+    """A request whose caller went away stops at its next token: the engine runs nothing a short while after the
+    cancel, far sooner than the same request takes to finish (hf_static: its row of the running generate stops)."""
+    ids = engine.encode(_prompts(1)[0], 800)
+    long = GenerationParams(800, 0.0, 1.0)
+
+    async def idle_after(task) -> float:
+        while engine.stats()["requests_running"] == 0:
+            await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        task.cancel()
+        while engine.stats()["requests_running"] or engine.stats()["requests_waiting"]:
+            await asyncio.sleep(0.01)
+        return time.perf_counter() - t0
+
+    async def scenario():
+        t0 = time.perf_counter()
+        full = await engine.result(engine.submit(ids, long))
+        full_s = time.perf_counter() - t0
+        stop_s = await idle_after(asyncio.ensure_future(engine.result(engine.submit(ids, long))))
+        return full, full_s, stop_s
+
+    full, full_s, stop_s = asyncio.run(scenario())
+    assert full.completion_tokens == 800  # the tiny random model does not stop by itself
+    assert stop_s < full_s / 4, (stop_s, full_s)
 
 
 def test_sync_batch_helper_and_sampling(engine):
@@ -154,3 +189,20 @@ def test_corrector_uses_the_engine(tiny_model_dir):
         assert c.engine.stats()["requests_finished"] == 1
     finally:
         c.close()
+
+
+def test_bench_models_generate_text_with_every_token(tmp_path):
+    """The serving bench's random models (TinyLlama shape on the GPU, `mini` here) have their tokenizer's
+    vocabulary: every id the model can generate decodes to text (a 32k-vocabulary model with a 2k tokenizer
+    generated mostly ids that decode to nothing, so streams sent no delta)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from serve_load import SHAPES, make_random_model
+    from transformers import AutoConfig
+
+    from metaaligner.modeling import load_tokenizer
+
+    folder = make_random_model(tmp_path / "model", SHAPES["mini"])
+    tok, config = load_tokenizer(folder), AutoConfig.from_pretrained(folder)
+    assert config.vocab_size == len(tok)
+    special = set(tok.all_special_ids)
+    assert all(tok.decode([i]) for i in range(config.vocab_size) if i not in special)

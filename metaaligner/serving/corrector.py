@@ -160,6 +160,18 @@ class IncrementalDetokenizer:
         return ""
 
 
+def _stop_when(events: Sequence[threading.Event]):
+    """Stopping criteria for `generate`: row i is done once events[i] is set (checked once per token)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([e.is_set() for e in events], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
+
+
 class TextGenerator:
     """A causal LM and its tokenizer: batched, left-padded generation returning only the new text."""
 
@@ -202,8 +214,10 @@ class TextGenerator:
                                     pad_to_multiple_of=self.config.pad_to_multiple_of)
         return {k: v.to(self.device) for k, v in padded.items()}
 
-    def generate(self, batch_ids: Sequence[list[int]], params: Sequence[GenerationParams]) -> list[Generation]:
-        """One generate call per distinct (temperature, top_p); max_new_tokens is per item (truncated after)."""
+    def generate(self, batch_ids: Sequence[list[int]], params: Sequence[GenerationParams],
+                 cancelled: Sequence[threading.Event] | None = None) -> list[Generation]:
+        """One generate call per distinct (temperature, top_p); max_new_tokens is per item (truncated after).
+        A row whose `cancelled` event is set stops at its next token (a call whose rows are all done ends)."""
         import torch
 
         out: list[Generation | None] = [None] * len(batch_ids)
@@ -214,8 +228,9 @@ class TextGenerator:
             longest = max(params[i].max_new_tokens for i in idx)
             inputs = self._inputs([list(batch_ids[i]) for i in idx])
             width = inputs["input_ids"].shape[1]
+            stop = {"stopping_criteria": _stop_when([cancelled[i] for i in idx])} if cancelled else {}
             with self._lock, torch.inference_mode():
-                seqs = self.model.generate(**inputs, **self._kwargs(params[idx[0]], longest))
+                seqs = self.model.generate(**inputs, **self._kwargs(params[idx[0]], longest), **stop)
             for row, i in enumerate(idx):
                 out[i] = self._decode(seqs[row, width:].tolist()[: params[i].max_new_tokens], len(batch_ids[i]))
         return out  # type: ignore[return-value]
@@ -227,11 +242,7 @@ class TextGenerator:
                cancelled: threading.Event | None = None) -> Iterator[str | Generation]:
         """Text pieces as they are generated, then the final Generation; setting `cancelled` stops the generation."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), bool(cancelled and cancelled.is_set()), dtype=torch.bool)
+        from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         inputs = self._inputs([ids])
@@ -240,8 +251,8 @@ class TextGenerator:
         def run():
             try:
                 with self._lock, torch.inference_mode():
-                    seqs = self.model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList(
-                        [_Cancelled()]), **self._kwargs(params, params.max_new_tokens))
+                    seqs = self.model.generate(**inputs, streamer=streamer, stopping_criteria=_stop_when(
+                        [cancelled or threading.Event()]), **self._kwargs(params, params.max_new_tokens))
                 result.append(self._decode(seqs[0, inputs["input_ids"].shape[1]:].tolist(), len(ids)))
             except BaseException as e:  # surfaced in the consumer
                 result.append(e)

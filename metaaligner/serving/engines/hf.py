@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -97,6 +98,7 @@ class ContinuousHFEngine(Engine):
         processors.do_processing = True
         self._requests: dict[str, _Request] = {}
         self._closed = False
+        self._last_step, self._busy_s, self._busy_steps = None, 0.0, 0  # time between back-to-back steps
 
         def start():  # started from a daemon thread, the generation thread is a daemon too: exit never hangs on it
             with torch.inference_mode():
@@ -107,6 +109,11 @@ class ContinuousHFEngine(Engine):
         starter.join()
 
     def _on_step(self, rows: int) -> None:
+        now = time.perf_counter()
+        if self._last_step is not None and now - self._last_step < 1.0:  # the previous step, not an idle gap
+            self._busy_s += now - self._last_step
+            self._busy_steps += 1
+        self._last_step = now
         if rows:
             self.counters.occupancy[rows] += 1
 
@@ -179,6 +186,29 @@ class ContinuousHFEngine(Engine):
             waiting += len(bp.scheduler.waiting_requests)
             running = len(bp.scheduler.active_requests)
         return {"requests_waiting": waiting, "requests_running": running, "requests_open": len(self._requests)}
+
+    def stats(self) -> dict:
+        """The common stats, the attention path, and the time of back-to-back steps (busy_step_s over busy_steps)."""
+        return {**super().stats(), "attention": self.attention_path(), "busy_steps": self._busy_steps,
+                "busy_step_s": round(self._busy_s, 4)}
+
+    def attention_path(self) -> dict:
+        """What the paged cache's attention runs: the implementation and, for eager/sdpa, the dense mask over the
+        whole cache that every step fills (flash kernels read the pages without one); the decode fast path."""
+        from transformers.generation.continuous_batching.utils import attn_mask_is_needed
+
+        config = self.generator.model.config
+        path = {"implementation": config._attn_implementation, "dense_mask": attn_mask_is_needed(config)}
+        processor = self.manager.batch_processor
+        if processor is not None:  # sized once the scheduler started
+            cache = processor.cache
+            rows, cols = cache.max_batch_tokens, cache.max_tokens_read + cache.max_batch_tokens
+            path.update(max_batch_tokens=rows, cache_tokens=cache.max_tokens_read,
+                        decode_fast_path=bool(cache.max_blocks_per_request))
+            if path["dense_mask"]:
+                path.update(mask_shape=[rows, cols],
+                            mask_mib=round(rows * cols * self.generator.model.dtype.itemsize / 2**20, 1))
+        return path
 
     def close(self) -> None:
         if self._closed:

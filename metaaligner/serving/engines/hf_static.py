@@ -75,7 +75,7 @@ class StaticHFEngine(Engine):
             self._running = len(reqs)
             try:
                 gens = await asyncio.to_thread(self.generator.generate, [r.ids for _, r in reqs],
-                                               [r.params for _, r in reqs])
+                                               [r.params for _, r in reqs], [r.cancelled for _, r in reqs])
             except Exception as e:  # noqa: BLE001 - every request of the batch gets the engine error
                 for _, r in reqs:
                     if not r.future.done():
@@ -129,9 +129,9 @@ class StaticHFEngine(Engine):
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        req.cancelled.set()  # a stream's generate stops at its next token
+        req.cancelled.set()  # its row of a running generate stops at the next token (a batch ends once all are done)
         if req.future is not None and not req.future.done():
-            req.future.cancel()  # a batched request is dropped (its batch, if running, still completes)
+            req.future.cancel()
         self.counters.cancelled += 1
 
     def queue_stats(self) -> dict:
