@@ -4,6 +4,7 @@ Packed equivalence: an example's logits and loss inside a flattened packed micro
 alone, and equal the sdpa (block-diagonal mask) reference. Liger: the target-token loss and its gradients with
 `kernels: liger` (RMSNorm/RoPE/SwiGLU + fused linear cross-entropy) equal the torch path. `--cpu` runs the CPU
 backends only (the dry run of bench/gpu_all.sh); a backend or liger that cannot run here is reported as skipped.
+`--out` is rewritten after every check (a run killed at its limit keeps the checks done), key figures under "key".
 
   python bench/gpu_checks.py --gpu --out checks.json
 """
@@ -20,7 +21,7 @@ import torch
 
 from metaaligner.training.attention import VARLEN_BACKENDS, prepare_backend
 from metaaligner.training.collate import collate_packed
-from metaaligner.training.kernels import apply_liger, select_kernels
+from metaaligner.training.kernels import patch_liger, select_kernels
 from metaaligner.training.objective import TargetTokenLoss
 from metaaligner.training.tokens import TokenStore, select_keys
 
@@ -77,15 +78,15 @@ def check_backend(attn: str, device, dtype, reference: dict) -> dict:
 
 
 def check_liger(device, dtype, zero_stage: int = 2) -> dict:
-    kernels = select_kernels("auto", device.type == "cuda")
-    if kernels != "liger":
-        return {"liger": "skipped: not importable here or no GPU", "ok": True}
+    choice = select_kernels("auto", device.type == "cuda")
+    if choice.kernels != "liger":
+        return {"liger": f"skipped: {choice.reason}", "ok": True}
     store = _store()
     batch = collate_packed(store, np.array([2, 1, 3, 4]), 0).to(device)
     results = {}
     for name in ("torch", "liger"):
         model = _model("sdpa", device, dtype).train()
-        fused = apply_liger(model, zero_stage) if name == "liger" else None
+        fused = patch_liger(model, "liger", zero_stage)[0] if name == "liger" else None
         objective = TargetTokenLoss(model, fused)
         loss = objective(target_index=batch.target_index, target_labels=batch.target_labels, **batch.model_inputs(False))
         loss.backward()
@@ -108,23 +109,39 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda") if args.gpu else torch.device("cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
-    backends = ["sdpa", "eager"] + (["torch_varlen", "flex_attention", "flash_attention_2"] if args.gpu
-                                    else ["sdpa_varlen"])
+    # cheapest first; flex_attention (a compile per shape) after liger (Triton JIT)
+    backends = ["sdpa", "eager"] + (["torch_varlen", "flash_attention_2"] if args.gpu else ["sdpa_varlen"])
+    late = ["flex_attention"] if args.gpu else []
     reference: dict = {}
     report = {"device": torch.cuda.get_device_name() if args.gpu else "cpu", "torch": torch.__version__,
-              "dtype": str(dtype), "backends": [], "liger": None}
-    for attn in backends:
-        try:
-            report["backends"].append(check_backend(attn, device, dtype, reference))
-        except Exception as e:  # noqa: BLE001 — reported per backend, the script goes on
-            report["backends"].append({"backend": attn, "ok": None, "skipped": f"{type(e).__name__}: {e}",
-                                       "trace": traceback.format_exc(limit=3)})
+              "dtype": str(dtype), "backends": [], "liger": None, "partial": True}
+
+    def write() -> None:
+        report["key"] = {b["backend"]: b.get("ok") for b in report["backends"]}
+        if report["liger"] is not None:
+            report["key"]["liger"] = report["liger"].get("ok") if "loss_rel_diff" in report["liger"] else (
+                report["liger"].get("liger") or report["liger"].get("error", "")[:120])
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+
+    def run_backends(names: list[str]) -> None:
+        for attn in names:
+            try:
+                report["backends"].append(check_backend(attn, device, dtype, reference))
+            except Exception as e:  # noqa: BLE001 — reported per backend, the script goes on
+                report["backends"].append({"backend": attn, "ok": None, "skipped": f"{type(e).__name__}: {e}",
+                                           "trace": traceback.format_exc(limit=3)})
+            write()
+
+    run_backends(backends)
     try:
         report["liger"] = check_liger(device, dtype)
     except Exception as e:  # noqa: BLE001
         report["liger"] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=5)}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write()
+    run_backends(late)
+    report["partial"] = False
+    write()
     print(json.dumps(report, indent=2, default=str))
     failed = [b["backend"] for b in report["backends"] if b.get("ok") is False] + (
         ["liger"] if report["liger"].get("ok") is False else [])

@@ -1,20 +1,29 @@
-"""Serving benchmark: engines `hf_static` and `hf` in the same run, open-loop Poisson arrivals, realistic lengths.
+"""Serving benchmark: engines `hf` and `hf_static` in the same run, open-loop Poisson arrivals, realistic lengths.
 
 Requests are sampled from the realistic length mix (../shared/reference/length-mix.md: log-normal fits through
 p25/p50/p75 of question and weak-answer characters, clipped at p99; UltraFeedback and HH-RLHF rows alternate) with
 varied max_new_tokens. The model stops early: by default the bench trains a tiny corrector (~2 min on 2 cores,
 cached in --model) whose corrections end with EOS after a geometric number of tokens with a mean of --mean-tokens
-(it learns a constant stop probability); requests sample at temperature 1, so lengths vary per request.
+(it learns a constant stop probability); requests sample at temperature 1, so lengths vary per request. Every
+bench model's vocabulary is its tokenizer's, so every generated token decodes to text.
 
+Both engines run with the same running-request limit (--max-running: hf's running requests, hf_static's batch).
 For each engine: arrivals at each --rates (requests/s) for --duration seconds, every request its own task (open
-loop: a slow server does not slow the arrivals); generated tok/s, p50/p99 latency and 503s per rate. Then the
-head-of-line case: two long streams, and once they produce tokens, 8 short requests; the short requests' p50 as a
-ratio of the streams' duration. Prints both engines and hf/hf_static ratios; --out writes JSON.
+loop: a slow server does not slow the arrivals); per rate generated tok/s, p50/p95 latency of 128-token
+corrections apart from longer ones, and 503s. Then the head-of-line case: two long streams, and once they produce
+tokens, 8 short requests; the short requests' p50 as a ratio of the streams' duration. Requests still open when a
+phase ends are cancelled, and the next phase starts only once the server runs none (`quiesce_s`). `hf` also reports
+the attention path its paged cache runs (implementation, dense mask over the cache) and its time per step.
+--fixed-batch N: then, in one GPU task, N prompts x --fixed-new-tokens greedy through hf_static (dynamic cache),
+hf_static with a static cache + torch.compile (--compile-static) and hf: new tok/s of each after a warm-up call
+with the same shapes (the anchor: 3.5k plain generate vs 8.7k static + compile at batch 64 on an H100).
+--out is rewritten after every phase, with the key figures under "key".
 
 CPU (tiny trained corrector):  python bench/serve_load.py
-GPU (TinyLlama-1.1B shape, random weights: never stops early, lengths bounded by max_new_tokens only):
+GPU (TinyLlama-1.1B shape with the bench tokenizer's vocabulary, random weights: lengths bounded by max_new_tokens):
     python bench/serve_load.py --shape tinyllama --model /tmp/ma-tinyllama --device cuda --num-gpus 1 --num-cpus 4 \
-        --rates 4,16,64 --duration 30 --max-running 128 --out $OUT/serve_load.json
+        --max-running 64 --rates 4,24 --duration 5 --max-new-tokens 128,256 --fixed-batch 64 --compile-static \
+        --out $OUT/serve_bench.json
 """
 
 from __future__ import annotations
@@ -126,8 +135,17 @@ def train_bench_corrector(folder: Path, mean_tokens: int, steps: int = 200, seed
     return folder
 
 
-def make_tinyllama_shape(folder: Path) -> Path:
-    """A random model with TinyLlama-1.1B's shape (22 layers, d=2048, GQA 32/4, vocab 32000), local tokenizer."""
+SHAPES = {  # random-weight bench models (LlamaConfig sizes); the vocabulary is the bench tokenizer's
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4),
+    "mini": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),  # the CPU rehearsal
+}
+
+
+def make_random_model(folder: Path, shape: dict, device: str = "cpu") -> Path:
+    """A random Llama of `shape` (LlamaConfig sizes) with a locally trained tokenizer, the vocabulary being the
+    tokenizer's: every token the model can generate decodes to text (random weights never stop early)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -137,13 +155,14 @@ def make_tinyllama_shape(folder: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     rng = random.Random(0)
-    tok = train_tokenizer([get_template("paper").render("better", "x", HOL_QUESTION, words(rng, 400))] * 50,
-                          vocab_size=2000)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok = train_tokenizer([get_template("paper").render("better", "x", HOL_QUESTION, words(rng, 400))] * 50
+                          + [words(rng, 400) for _ in range(50)], vocab_size=2000)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
 
@@ -152,15 +171,30 @@ def pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+    return round(xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))], 3)
+
+
+def latency(records: list[tuple]) -> dict:
+    lat = [r[1] for r in records]
+    return {"n": len(lat), "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
+
+
+async def cancel_open(tasks: list) -> int:
+    """Cancel the client tasks still open (their requests are cancelled server-side); how many there were."""
+    open_tasks = [t for t in tasks if not t.done()]
+    for t in open_tasks:
+        t.cancel()
+    await asyncio.gather(*open_tasks, return_exceptions=True)
+    return len(open_tasks)
 
 
 async def open_loop(url: str, requests: list[dict], rate: float, duration: float, seed: int, max_s: float) -> dict:
-    """Poisson arrivals at `rate`/s for `duration` s; each request is sent as its own task."""
+    """Poisson arrivals at `rate`/s for `duration` s; each request is sent as its own task; what is still open
+    `max_s` after the last arrival is cancelled."""
     import httpx
 
     rng = random.Random(seed)
-    records: list[tuple] = []  # (status, latency, completion_tokens, finish_reason)
+    records: list[tuple] = []  # (status, latency, completion_tokens, finish_reason, max_new_tokens)
 
     async def one(c, body):
         t = time.perf_counter()
@@ -168,9 +202,9 @@ async def open_loop(url: str, requests: list[dict], rate: float, duration: float
             r = await c.post(url + "/v1/correct", json=body)
             data = r.json() if r.status_code == 200 else {}
             records.append((r.status_code, time.perf_counter() - t, data.get("usage", {}).get("completion_tokens", 0),
-                            data.get("finish_reason")))
+                            data.get("finish_reason"), body["generation"]["max_new_tokens"]))
         except httpx.HTTPError as e:
-            records.append((type(e).__name__, time.perf_counter() - t, 0, None))
+            records.append((type(e).__name__, time.perf_counter() - t, 0, None, body["generation"]["max_new_tokens"]))
 
     tasks, i = [], 0
     t0 = time.perf_counter()
@@ -182,21 +216,22 @@ async def open_loop(url: str, requests: list[dict], rate: float, duration: float
             i += 1
             next_at += rng.expovariate(rate)
         await asyncio.wait(tasks, timeout=max_s)
-    wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        cancelled = await cancel_open(tasks)
     ok = [r for r in records if r[0] == 200]
     tokens = sum(r[2] for r in ok)
     codes: dict = {}
     for r in records:
         codes[str(r[0])] = codes.get(str(r[0]), 0) + 1
-    lat = [r[1] for r in ok]
-    return {"rate": rate, "sent": len(tasks), "ok": len(ok), "status_codes": codes, "unfinished": len(tasks) - len(records),
+    return {"rate": rate, "sent": len(tasks), "ok": len(ok), "status_codes": codes, "cancelled": cancelled,
             "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 2),
             "generated_tok_per_s": round(tokens / wall, 1), "mean_new_tokens": round(tokens / max(1, len(ok)), 1),
             "stopped_early": round(sum(r[3] == "stop" for r in ok) / max(1, len(ok)), 3),
-            "p50_s": round(pct(lat, 50), 3) if lat else None, "p99_s": round(pct(lat, 99), 3) if lat else None}
+            "latency_128": latency([r for r in ok if r[4] <= 128]),
+            "latency_longer": latency([r for r in ok if r[4] > 128])}
 
 
-async def head_of_line(url: str, long_tokens: int, shorts: int, short_tokens: int) -> dict:
+async def head_of_line(url: str, long_tokens: int, shorts: int, short_tokens: int, max_s: float) -> dict:
     """Two greedy streams of `long_tokens`; once both produce tokens, `shorts` short greedy requests."""
     import httpx
 
@@ -220,68 +255,197 @@ async def head_of_line(url: str, long_tokens: int, shorts: int, short_tokens: in
         r.raise_for_status()
         return time.perf_counter() - t0
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=32)) as c:
+    async with httpx.AsyncClient(timeout=max_s, limits=httpx.Limits(max_connections=32)) as c:
         streams = [asyncio.create_task(long_stream(c, i)) for i in range(2)]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 300)
-        lat = await asyncio.gather(*(short(c) for _ in range(shorts)))
-        await asyncio.gather(*streams)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), max_s)
+            lat = await asyncio.wait_for(asyncio.gather(*(short(c) for _ in range(shorts))), max_s)
+            await asyncio.wait_for(asyncio.gather(*streams), max_s)
+        finally:
+            await cancel_open(streams)
     p50 = pct(list(lat), 50)
     mean_stream = sum(durations) / len(durations)
-    return {"long_tokens": long_tokens, "streams_s": [round(d, 2) for d in durations], "short_p50_s": round(p50, 3),
+    return {"long_tokens": long_tokens, "streams_s": [round(d, 2) for d in durations], "short_p50_s": p50,
             "short_max_s": round(max(lat), 3), "ratio_short_p50_to_streams": round(p50 / mean_stream, 3)}
 
 
-def run_engine(args, base_cfg, engine: str, requests: list[dict]) -> dict:
+def quiesce(url: str, timeout_s: float) -> dict:
+    """Wait until the replica runs and queues no request (cancelled ones included); the engine's stats then."""
     import httpx
+
+    t0 = time.perf_counter()
+    while True:
+        stats = httpx.get(url + "/v1/stats", timeout=timeout_s).json()
+        idle = stats["requests_running"] == 0 and stats["requests_waiting"] == 0
+        if idle or time.perf_counter() - t0 > timeout_s:
+            return {**stats, "quiesced": idle, "quiesce_s": round(time.perf_counter() - t0, 2)}
+        time.sleep(0.1)
+
+
+def run_engine(args, base_cfg, engine: str, requests: list[dict], on_phase) -> dict:
+    """Deploy `engine`, run every rate then the head-of-line case (each phase starting on an idle server)."""
     from ray import serve
 
     from metaaligner.serving.app import build
 
     corrector = base_cfg.corrector.model_copy(update={"engine": engine})
     cfg = base_cfg.model_copy(update={"corrector": corrector})
+    t0 = time.perf_counter()
     serve.run(build(cfg), name=f"bench-{engine}", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
+    result: dict = {"engine": engine, "deploy_s": round(time.perf_counter() - t0, 1), "rates": []}
     try:
-        warm = make_requests(4, 999, [16], 0.0)
-        asyncio.run(open_loop(url, warm, 4.0, 1.0, 1, args.max_s))
-        rates = []
+        asyncio.run(open_loop(url, make_requests(4, 999, [16], 0.0), 4.0, 1.0, 1, args.max_s))  # warm-up
+        before = quiesce(url, args.quiesce_s)
         for k, rate in enumerate(args.rates):
             r = asyncio.run(open_loop(url, requests, rate, args.duration, 100 + k, args.max_s))
-            rates.append(r)
+            after = quiesce(url, args.quiesce_s)
+            r.update(quiesced=after["quiesced"], quiesce_s=after["quiesce_s"])
+            if "busy_steps" in after and after["busy_steps"] > before["busy_steps"]:  # hf: one step over the cache
+                r.update(engine_steps=after["busy_steps"] - before["busy_steps"], ms_per_step=round(
+                    1000 * (after["busy_step_s"] - before["busy_step_s"]) / (after["busy_steps"] - before["busy_steps"]), 2))
+            before = after
+            result["rates"].append(r)
             print(f"  {engine:<9} rate {rate:>6.2f}/s: {r['ok']}/{r['sent']} ok, {r['generated_tok_per_s']:.0f} tok/s, "
-                  f"p50 {r['p50_s']}s p99 {r['p99_s']}s, codes {r['status_codes']}", flush=True)
-        hol = asyncio.run(head_of_line(url, args.hol_long_tokens, 8, 16))
-        print(f"  {engine:<9} head-of-line: short p50 {hol['short_p50_s']}s vs streams {hol['streams_s']}s "
-              f"-> ratio {hol['ratio_short_p50_to_streams']}", flush=True)
-        stats = httpx.get(url + "/v1/stats", timeout=60).json()
+                  f"128-token p50/p95 {r['latency_128']['p50_s']}/{r['latency_128']['p95_s']}s, longer "
+                  f"{r['latency_longer']['p50_s']}/{r['latency_longer']['p95_s']}s, cancelled {r['cancelled']}, "
+                  f"idle after {r['quiesce_s']}s", flush=True)
+            on_phase(result)
+        if args.hol_long_tokens:
+            hol = asyncio.run(head_of_line(url, args.hol_long_tokens, 8, 16, args.max_s))
+            hol["quiesce_s"] = quiesce(url, args.quiesce_s)["quiesce_s"]
+            result["head_of_line"] = hol
+            print(f"  {engine:<9} head-of-line: short p50 {hol['short_p50_s']}s vs streams {hol['streams_s']}s "
+                  f"-> ratio {hol['ratio_short_p50_to_streams']}", flush=True)
+        stats = quiesce(url, args.quiesce_s)
+        result["occupancy"] = {k: stats[k] for k in ("mean_occupancy", "max_occupancy", "steps")}
+        if "attention" in stats:
+            result["attention"] = stats["attention"]
     finally:
         serve.delete(f"bench-{engine}")
-    return {"engine": engine, "rates": rates, "head_of_line": hol,
-            "occupancy": {k: stats[k] for k in ("mean_occupancy", "max_occupancy", "steps")}}
+    return result
+
+
+class FixedBatch:
+    """One loaded model; greedy new tok/s of one fixed batch through an engine variant, timed after a warm-up call
+    with the same shapes (compiles, CUDA graphs, allocator). Run as a Ray actor holding the accelerator."""
+
+    def __init__(self, model: str, device: str, batch: int, prompt_tokens: int, new_tokens: int):
+        from metaaligner.serving.config import CorrectorConfig
+        from metaaligner.serving.corrector import GenerationParams, TextGenerator
+
+        self.cfg = CorrectorConfig(model=model, device=device, hf={"max_running_requests": batch},
+                                   generation={"max_new_tokens": new_tokens, "max_new_tokens_limit": new_tokens})
+        self.generator = TextGenerator(self.cfg)
+        rng = random.Random(0)
+        special = set(self.generator.tokenizer.all_special_ids)
+        vocab = [i for i in range(len(self.generator.tokenizer)) if i not in special]
+        self.ids = [[rng.choice(vocab) for _ in range(prompt_tokens)] for _ in range(batch)]
+        self.params = [GenerationParams(new_tokens, 0.0, 1.0)] * batch
+
+    def run(self, update: dict) -> dict:
+        import copy
+
+        from metaaligner.serving.engines import create_engine
+
+        variant = copy.copy(self.generator)  # the same loaded model with this variant's cache / compile settings
+        variant.config = self.cfg.model_copy(update=update)
+        batch = len(self.ids)
+        engine = create_engine(variant.config, generator=variant, max_batch_size=batch, max_running_requests=batch)
+        try:
+            t0 = time.perf_counter()
+            engine.generate_batch(self.ids, self.params)
+            warm = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            gens = engine.generate_batch(self.ids, self.params)
+            seconds = time.perf_counter() - t0
+        finally:
+            engine.close()
+        tokens = sum(g.completion_tokens for g in gens)
+        return {"new_tok_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 3), "warmup_s": round(warm, 1),
+                "new_tokens": tokens}
+
+
+FIXED_VARIANTS = {"hf_static": {"engine": "hf_static"}, "hf": {"engine": "hf"},
+                  "hf_static_compiled": {"engine": "hf_static", "static_cache": True, "compile": True}}
+
+
+def run_fixed_batch(args, model: Path, on_variant) -> dict:
+    """The fixed-batch comparison in one actor that holds the accelerator (killed after: memory freed)."""
+    import ray
+
+    result = {"batch": args.fixed_batch, "prompt_tokens": args.fixed_prompt_tokens,
+              "new_tokens": args.fixed_new_tokens, "engines": {}}
+    actor = ray.remote(num_gpus=args.num_gpus, num_cpus=1)(FixedBatch).remote(
+        str(model), args.device or "auto", args.fixed_batch, args.fixed_prompt_tokens, args.fixed_new_tokens)
+    names = ["hf_static", "hf"] + (["hf_static_compiled"] if args.compile_static else [])
+    try:
+        for name in names:
+            try:
+                result["engines"][name] = ray.get(actor.run.remote(FIXED_VARIANTS[name]))
+            except Exception as e:  # noqa: BLE001 — reported; the other variants still run
+                result["engines"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            timed = {k: v["new_tok_per_s"] for k, v in result["engines"].items() if "new_tok_per_s" in v}
+            result["fastest"] = max(timed, key=timed.get) if timed else None
+            print(f"  fixed batch {name}: {result['engines'][name]}", flush=True)
+            on_variant(result)
+    finally:
+        ray.kill(actor)
+    return result
+
+
+def key_figures(summary: dict) -> dict:
+    """The figures that go on the device's one-line summary."""
+    key: dict = {"rate_columns": ["rate", "tok_s", "p50_128", "p95_128", "p50_longer", "p95_longer", "quiesced"]}
+    for r in summary["engines"]:
+        key[r["engine"]] = {"rates": [[x["rate"], x["generated_tok_per_s"], x["latency_128"]["p50_s"],
+                                       x["latency_128"]["p95_s"], x["latency_longer"]["p50_s"],
+                                       x["latency_longer"]["p95_s"], x["quiesced"]] for x in r["rates"]]}
+        if any("ms_per_step" in x for x in r["rates"]):
+            key[r["engine"]]["ms_per_step"] = [x.get("ms_per_step") for x in r["rates"]]
+        if "head_of_line" in r:
+            key[r["engine"]]["hol_ratio"] = r["head_of_line"]["ratio_short_p50_to_streams"]
+        if "attention" in r:
+            a = r["attention"]
+            key[r["engine"]]["attention"] = [a.get("implementation"), a.get("dense_mask"), a.get("mask_mib")]
+    if summary.get("fixed_batch"):
+        fb = summary["fixed_batch"]
+        key["fixed_batch"] = {k: v.get("new_tok_per_s", v.get("error", "")[:80]) for k, v in fb["engines"].items()}
+        key["fixed_batch"]["fastest"] = fb.get("fastest")
+    if summary.get("errors"):
+        key["errors"] = [e[:160] for e in summary["errors"]]
+    return key
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="/tmp/metaaligner/bench-corrector", help="model folder (created if missing)")
-    ap.add_argument("--shape", choices=["trained", "tinyllama"], default="trained",
-                    help="trained: the bench's tiny stop-early corrector; tinyllama: random TinyLlama-1.1B shape")
+    ap.add_argument("--shape", choices=["trained", *SHAPES], default="trained",
+                    help="trained: the bench's tiny stop-early corrector; tinyllama: random TinyLlama-1.1B shape; "
+                         "mini: a random tiny Llama (rehearsal)")
     ap.add_argument("--mean-tokens", type=int, default=200, help="mean correction length the bench model learns")
-    ap.add_argument("--engines", default="hf_static,hf")
+    ap.add_argument("--engines", default="hf,hf_static")
     ap.add_argument("--rates", default="1,2,4", help="Poisson arrival rates, requests/s")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate")
     ap.add_argument("--max-new-tokens", default="128,256,512", help="each request draws one of these")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--requests", type=int, default=512, help="distinct requests sampled from the length mix")
-    ap.add_argument("--hol-long-tokens", type=int, default=512)
+    ap.add_argument("--hol-long-tokens", type=int, default=512, help="0: no head-of-line case")
     ap.add_argument("--device", default=None)
     ap.add_argument("--num-gpus", type=float, default=0.0)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="per replica")
-    ap.add_argument("--max-batch-size", type=int, default=16, help="hf_static batch size")
-    ap.add_argument("--max-running", type=int, default=32, help="requests in flight per replica (both engines)")
+    ap.add_argument("--max-running", type=int, default=32,
+                    help="requests in flight per replica, both engines (hf: running requests; hf_static: batch size)")
     ap.add_argument("--max-s", type=float, default=300, help="cap on any one request and on a rate's drain")
+    ap.add_argument("--quiesce-s", type=float, default=60, help="cap on the wait for an idle server between phases")
+    ap.add_argument("--fixed-batch", type=int, default=0, help="prompts of the fixed-batch comparison (0: none)")
+    ap.add_argument("--fixed-prompt-tokens", type=int, default=256)
+    ap.add_argument("--fixed-new-tokens", type=int, default=128)
+    ap.add_argument("--compile-static", action="store_true", help="fixed batch: also hf_static with a static cache "
+                                                                  "and torch.compile (GPU)")
     ap.add_argument("--ray-cpus", type=int, default=None)
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--out", help="write the results JSON here")
+    ap.add_argument("--out", help="write the results JSON here (after every phase)")
     args = ap.parse_args(argv)
     args.rates = [float(x) for x in args.rates.split(",")]
     engines = args.engines.split(",")
@@ -294,8 +458,8 @@ def main(argv=None) -> int:
 
     model = Path(args.model)
     t0 = time.perf_counter()
-    if args.shape == "tinyllama":
-        make_tinyllama_shape(model)
+    if args.shape in SHAPES:
+        make_random_model(model, SHAPES[args.shape], "cuda" if (args.device or "").startswith("cuda") else "cpu")
     else:
         train_bench_corrector(model, args.mean_tokens)
     print(f"model ready in {time.perf_counter() - t0:.0f}s: {model}", flush=True)
@@ -304,49 +468,74 @@ def main(argv=None) -> int:
         "corrector": {"model": str(model), "template": "paper", "objectives": "ultrafeedback",
                       "device": args.device or "auto", "hf": {"max_running_requests": args.max_running},
                       "generation": {"max_new_tokens": 64, "max_new_tokens_limit": max(limit, args.hol_long_tokens)}},
-        "max_batch_size": min(args.max_batch_size, args.max_running), "batch_wait_timeout_s": 0.02,
+        "max_batch_size": args.max_running, "batch_wait_timeout_s": 0.02,
         "max_ongoing_requests": args.max_running, "max_queued_requests": -1, "request_timeout_s": args.max_s,
         "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "auth": "none", "port": args.port,
         "limits": {"max_question_chars": 10000, "max_answer_chars": 10000},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}})
     requests = make_requests(args.requests, 0, [int(x) for x in args.max_new_tokens.split(",")], args.temperature)
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    results = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        for engine in engines:
-            results.append(run_engine(args, cfg, engine, requests))
-            if args.out:  # partial figures survive a step timeout
-                Path(args.out).write_text(json.dumps({"partial": True, "engines": results}, indent=2) + "\n")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    summary = {"partial": True, "model": str(model), "shape": args.shape, "device": args.device or "auto",
+               "rates": args.rates, "duration_s": args.duration, "max_new_tokens": args.max_new_tokens,
+               "temperature": args.temperature, "max_running": args.max_running, "engines": [], "errors": []}
 
-    print(f"\n{'engine':<10}{'rate/s':>8}{'ok/sent':>10}{'gen tok/s':>11}{'p50 s':>9}{'p99 s':>9}{'new tok':>9}"
-          f"{'stopped':>9}")
-    for r in results:
+    def write(_=None) -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps({**summary, "key": key_figures(summary)}, indent=2) + "\n")
+
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+            for engine in engines:
+                try:
+                    run = {"engine": engine, "rates": []}
+                    summary["engines"].append(run)
+                    run.update(run_engine(args, cfg, engine, requests, lambda r: (run.update(r), write())))
+                except Exception as e:  # noqa: BLE001 — reported; the other engine still runs
+                    summary["errors"].append(f"{engine}: {type(e).__name__}: {e}")
+                write()
+        finally:
+            serve.shutdown()  # frees the accelerator for the fixed batch
+        if args.fixed_batch:
+            try:
+                run_fixed_batch(args, model, lambda r: (summary.update(fixed_batch=r), write()))
+            except Exception as e:  # noqa: BLE001
+                summary["errors"].append(f"fixed batch: {type(e).__name__}: {e}")
+            write()
+    finally:
+        ray.shutdown()
+    report(summary)
+    summary["partial"] = False
+    write()
+    return 1 if summary["errors"] else 0
+
+
+def report(summary: dict) -> None:
+    """The human-readable tables (stdout)."""
+    print(f"\n{'engine':<10}{'rate/s':>8}{'ok/sent':>10}{'gen tok/s':>11}{'p50 128':>9}{'p95 128':>9}{'p50 >128':>10}"
+          f"{'p95 >128':>10}{'new tok':>9}")
+    for r in summary["engines"]:
         for x in r["rates"]:
+            a, b = x["latency_128"], x["latency_longer"]
             print(f"{r['engine']:<10}{x['rate']:>8.2f}{str(x['ok']) + '/' + str(x['sent']):>10}"
-                  f"{x['generated_tok_per_s']:>11.1f}{x['p50_s'] or float('nan'):>9.2f}{x['p99_s'] or float('nan'):>9.2f}"
-                  f"{x['mean_new_tokens']:>9.1f}{x['stopped_early']:>9.2f}")
-    for r in results:
-        h = r["head_of_line"]
-        print(f"head-of-line {r['engine']}: short p50 {h['short_p50_s']}s = {h['ratio_short_p50_to_streams']} x the "
-              f"long streams' duration ({h['streams_s']}s)")
-    summary = {"model": str(model), "shape": args.shape, "device": args.device or "auto", "rates": args.rates,
-               "duration_s": args.duration, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-               "max_running": args.max_running, "hf_static_max_batch_size": cfg.max_batch_size, "engines": results}
-    by = {r["engine"]: r for r in results}
+                  f"{x['generated_tok_per_s']:>11.1f}{a['p50_s'] or float('nan'):>9.2f}{a['p95_s'] or float('nan'):>9.2f}"
+                  f"{b['p50_s'] or float('nan'):>10.2f}{b['p95_s'] or float('nan'):>10.2f}{x['mean_new_tokens']:>9.1f}")
+    for r in summary["engines"]:
+        if "head_of_line" in r:
+            h = r["head_of_line"]
+            print(f"head-of-line {r['engine']}: short p50 {h['short_p50_s']}s = {h['ratio_short_p50_to_streams']} x "
+                  f"the long streams' duration ({h['streams_s']}s)")
+        if "attention" in r:
+            print(f"{r['engine']} paged-cache attention: {r['attention']}")
+    by = {r["engine"]: r for r in summary["engines"]}
     if {"hf", "hf_static"} <= set(by):
         summary["hf_over_hf_static"] = [
-            {"rate": a["rate"], "tok_per_s": round(a["generated_tok_per_s"] / max(b["generated_tok_per_s"], 1e-9), 2),
-             "p50": round(a["p50_s"] / b["p50_s"], 3) if a["p50_s"] and b["p50_s"] else None}
+            {"rate": a["rate"], "tok_per_s": round(a["generated_tok_per_s"] / max(b["generated_tok_per_s"], 1e-9), 2)}
             for a, b in zip(by["hf"]["rates"], by["hf_static"]["rates"])]
         for x in summary["hf_over_hf_static"]:
-            print(f"hf / hf_static at {x['rate']}/s: {x['tok_per_s']}x generated tok/s, p50 latency x{x['p50']}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+            print(f"hf / hf_static at {x['rate']}/s: {x['tok_per_s']}x generated tok/s")
+    if summary.get("fixed_batch"):
+        print(f"fixed batch: {summary['fixed_batch']}")
 
 
 if __name__ == "__main__":
