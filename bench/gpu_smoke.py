@@ -78,7 +78,7 @@ def main() -> None:
     import ray
 
     from metaaligner.config import ReformulateConfig, StorageConfig
-    from metaaligner.data.pipeline import run_reformulation
+    from metaaligner.data.reformulate.job import run_reformulation
     from metaaligner.evaluation.config import EvaluateConfig
     from metaaligner.evaluation.job import run_evaluation
     from metaaligner.modeling import create_tiny_model

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from metaaligner import storage  # noqa: E402
-from metaaligner.config import StorageConfig  # noqa: E402
+from metaaligner.storage import Storage  # noqa: E402
 from metaaligner.objectives import load_objective_set  # noqa: E402
 
 SEED, OBJECTIVES, TEMPLATE = 42, "ultrafeedback", "paper"
@@ -66,13 +66,13 @@ def synthetic_table(start: int, n: int, rng: random.Random, pool: list[str], nam
     return pa.table({"id": ids, "question": qs, "response_1": r1s, "response_2": r2s, "preferences": prefs})
 
 
-def generate(uri: str, pairs: int, files: int, st: StorageConfig, duplicates: float = 0.0) -> None:
+def generate(uri: str, pairs: int, files: int, st: Storage, duplicates: float = 0.0) -> None:
     """`pairs` synthetic pairs in `files` Parquet files; a share `duplicates` of them reuse the id of an
     earlier pair (other content), spread over all files."""
     rng = random.Random(0)
     pool = [" ".join(rng.choice(WORDS) for _ in range(80)) for _ in range(20000)]
     names = load_objective_set("ultrafeedback").names
-    fs, path = storage.filesystem(uri, st)
+    fs, path = st.filesystem(uri)
     if not storage.is_s3(uri):
         os.makedirs(path, exist_ok=True)
     per_file = -(-pairs // files)
@@ -95,16 +95,16 @@ def generate(uri: str, pairs: int, files: int, st: StorageConfig, duplicates: fl
 def plain_loop(src: str, dst: str) -> int:
     """What a careful script would do: per row json.loads, group the objectives by symbol in the set's order,
     shuffle each group with a Fisher-Yates driven by blake2b(seed:id:subset), str.format the prompt."""
-    from metaaligner.data.schema import ITEM_SCHEMA
+    from metaaligner.data.contract import ITEM_SCHEMA
     from metaaligner.prompts import get_template
 
-    st = StorageConfig()
+    st = Storage()
     objectives = load_objective_set(OBJECTIVES)
     names = objectives.names
     describe = {o.name: o.render() for o in objectives.objectives}
     formats = get_template(TEMPLATE).formats
-    in_fs, _ = storage.filesystem(src, st)
-    out_fs, out_root = storage.filesystem(dst, st)
+    in_fs, _ = st.filesystem(src)
+    out_fs, out_root = st.filesystem(dst)
 
     def shuffle(group: list[str], digest: bytes) -> list[str]:
         for i in range(len(group) - 1, 0, -1):
@@ -123,7 +123,7 @@ def plain_loop(src: str, dst: str) -> int:
     pairs = 0
     for s in SUBSETS:
         out_fs.create_dir(f"{out_root}/{s}", recursive=True)
-    for k, path in enumerate(storage.list_files(src, st, (".parquet",))):
+    for k, path in enumerate(st.list_files(src, (".parquet",))):
         writers = {s: pq.ParquetWriter(f"{out_root}/{s}/part-{k:05d}.parquet", ITEM_SCHEMA, filesystem=out_fs)
                    for s in SUBSETS}
         with in_fs.open_input_file(path) as f:
@@ -156,16 +156,16 @@ def plain_loop(src: str, dst: str) -> int:
 
 # -- (b) our vectorised function in one process --------------------------------------------------------------------
 def vectorised(src: str, dst: str) -> int:
-    from metaaligner.data.arrow_input import Sources
-    from metaaligner.data.parquet_parts import RowGroupWriter
-    from metaaligner.data.split import HoldoutSplit
-    from metaaligner.data.vector_batch import SCHEMAS, VectorReformulator
+    from metaaligner.data.io.sources import Sources
+    from metaaligner.data.io.parquet_writer import RowGroupWriter
+    from metaaligner.data.reformulate.holdout import HoldoutSplit
+    from metaaligner.data.reformulate.batch import SCHEMAS, VectorReformulator
     from metaaligner.prompts import get_template
 
-    st = StorageConfig()
-    in_fs, _ = storage.filesystem(src, st)
-    out_fs, out_root = storage.filesystem(dst, st)
-    sources = Sources("parquet", storage.list_files(src, st, (".parquet",)), in_fs)
+    st = Storage()
+    in_fs, _ = st.filesystem(src)
+    out_fs, out_root = st.filesystem(dst)
+    sources = Sources("parquet", st.list_files(src, (".parquet",)), in_fs)
     reformulate = VectorReformulator("canonical", load_objective_set(OBJECTIVES), get_template(TEMPLATE), SEED, 1,
                                      HoldoutSplit(0.0, 0))
     pairs = 0
@@ -220,12 +220,12 @@ class TreePeak:
 
 def checksum(uri: str) -> tuple[dict, str]:
     """Items per subset and an order-independent digest of (id, objectives, prompt, target) over all items."""
-    st = StorageConfig()
-    fs, root = storage.filesystem(uri, st)
+    st = Storage()
+    fs, root = st.filesystem(uri)
     counts, total = {}, 0
     for subset in SUBSETS:
         counts[subset] = 0
-        for path in storage.list_files(storage.join(uri, subset), st, (".parquet",)):
+        for path in st.list_files(storage.join(uri, subset), (".parquet",)):
             with fs.open_input_file(path) as f:
                 for batch in pq.ParquetFile(f).iter_batches(columns=["id", "objectives", "prompt", "target"]):
                     for row in batch.to_pylist():
@@ -294,7 +294,7 @@ def main() -> None:
     root = "s3://bench" if args.where == "s3" else workdir
     src = f"{root}/pairs-{args.pairs}"
     t = time.perf_counter()
-    generate(src, args.pairs, args.files, StorageConfig(), args.duplicates)
+    generate(src, args.pairs, args.files, Storage(), args.duplicates)
     print(f"generated {args.pairs} pairs ({args.duplicates:.1%} duplicate ids) in {args.files} Parquet files at {src} "
           f"in {time.perf_counter() - t:.1f}s", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -311,7 +311,7 @@ def main() -> None:
             r["pairs_per_s"] = round(args.pairs / r["wall_s"])
             r["pairs_per_min"] = round(60 * args.pairs / r["wall_s"])
             if label == "a":
-                summary = storage.read_json(storage.join(dst, "_summary.json"), StorageConfig())
+                summary = Storage().read_json(storage.join(dst, "_summary.json"))
                 r["job"] = {k: summary[k] for k in ("wall_time_s", "commit_s", "timings", "duplicate_check", "duplicates",
                                                      "column_path_rows", "items_total")}
             if not (args.no_verify or args.scale):

@@ -114,8 +114,8 @@ def main() -> None:
     import torch
 
     from metaaligner.config import ScoreConfig, StorageConfig
-    from metaaligner.data.reward_models import create_tiny_reward_model
-    from metaaligner.data.scoring import run_scoring
+    from metaaligner.data.scoring.job import run_scoring
+    from metaaligner.data.scoring.reward_models import create_tiny_reward_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-score-"))
     rows = synthetic_rows(args.rows, seed=0)

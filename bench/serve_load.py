@@ -332,7 +332,8 @@ class FixedBatch:
 
     def __init__(self, model: str, device: str, batch: int, prompt_tokens: int, new_tokens: int):
         from metaaligner.serving.config import CorrectorConfig
-        from metaaligner.serving.corrector import GenerationParams, TextGenerator
+        from metaaligner.serving.engines.contract import GenerationParams
+        from metaaligner.serving.engines.hf_model import TextGenerator
 
         self.cfg = CorrectorConfig(model=model, device=device, hf={"max_running_requests": batch},
                                    generation={"max_new_tokens": new_tokens, "max_new_tokens_limit": new_tokens})

@@ -24,17 +24,12 @@ def _section(args, section: str, flags: tuple[str, ...], hint: str):
 
 
 def _reformulate(args) -> int:
-    from metaaligner.data.pipeline import run_reformulation
+    from metaaligner.data.reformulate.job import run_reformulation
 
-    exact = args.score_decimals == "exact"  # null in YAML; a None flag would mean "not given"
-    if exact:
-        args.score_decimals = None
     cfg, rf = _section(args, "reformulate", ("input", "output", "format", "objectives", "template", "seed",
                                              "score_decimals", "holdout_fraction", "split_seed", "max_bad_fraction",
                                              "on_bad_file"),
                        "give --input and --output (or a config with a reformulate section)")
-    if exact:
-        rf = rf.model_copy(update={"score_decimals": None})
     summary = run_reformulation(rf, cfg.storage)
     held_out = f", {summary['holdout_pairs']} held out as {summary['test_rows']} test rows" if rf.holdout_fraction else ""
     print(f"reformulated {summary['valid_pairs']} pairs into {summary['items_total']} items{held_out} "
@@ -70,7 +65,7 @@ def _reward_models(args) -> list[dict] | None:
 
 
 def _score(args) -> int:
-    from metaaligner.data.scoring import run_scoring
+    from metaaligner.data.scoring.job import run_scoring
 
     args.reward_models = _reward_models(args)
     cfg, sc = _section(args, "score", ("input", "output", "format", "reward_models", "decimals", "batch_size",

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaaligner import storage as st
-from metaaligner.config import ReformulateConfig, StorageConfig
+from metaaligner.storage import Storage
+from metaaligner.data.reformulate.config import ReformulateConfig
 from metaaligner.synthetic import OBJECTIVES, make_eval_item, write_pairs
 
 BUCKET = "demo"
@@ -79,7 +79,7 @@ def _eval_items(cfg: DemoConfig) -> list[dict]:
     return items
 
 
-def _correct(items_uri: str, model: str, objectives: list[str], out_uri: str, st_cfg: StorageConfig) -> dict[str, str]:
+def _correct(items_uri: str, model: str, objectives: list[str], out_uri: str, storage: Storage) -> dict[str, str]:
     """Batch-correct every item asking for `objectives`; returns id -> correction."""
     import pyarrow.parquet as pq
 
@@ -89,13 +89,13 @@ def _correct(items_uri: str, model: str, objectives: list[str], out_uri: str, st
     cfg = CorrectConfig(model=model, template="paper", objectives="synthetic", input=items_uri, output=out_uri,
                         default_objectives=objectives, batch_size=48, concurrency=2, num_cpus=1,
                         generation={"max_new_tokens": 64, "max_new_tokens_limit": 64})
-    run_correction(cfg, st_cfg)
-    fs, path = st.filesystem(out_uri, st_cfg)
+    run_correction(cfg, storage)
+    fs, path = storage.filesystem(out_uri)
     rows = pq.read_table(path, filesystem=fs, columns=["id", "correction"]).to_pylist()
     return {r["id"]: (r["correction"] or "").strip() for r in rows}
 
 
-def _serve_samples(model: str, items: list[dict], st_cfg: StorageConfig) -> list[dict]:
+def _serve_samples(model: str, items: list[dict], storage: Storage) -> list[dict]:
     """Start the Serve app on the trained corrector and send sample requests over HTTP."""
     import httpx
     from ray import serve
@@ -110,7 +110,7 @@ def _serve_samples(model: str, items: list[dict], st_cfg: StorageConfig) -> list
         "max_batch_size": 4, "num_cpus": 0.5, "port": port, "auth": "none",  # loopback demo: open API
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(config, st_cfg), name="demo", route_prefix="/")
+    serve.run(build(config, storage), name="demo", route_prefix="/")
     requests = [
         {"question": items[0]["question"], "answer": items[0]["answer"], "objectives": list(OBJECTIVES)},
         {"question": items[1]["question"], "answer": items[1]["answer"], "objectives": list(HELD_OUT)},
@@ -135,7 +135,7 @@ def _similarity(a: str, b: str) -> float:
 def run_demo(cfg: DemoConfig) -> dict:
     import ray
 
-    from metaaligner.data.pipeline import run_reformulation
+    from metaaligner.data.reformulate.job import run_reformulation
     from metaaligner.evaluation.config import EvaluateConfig
     from metaaligner.evaluation.job import run_evaluation
     from metaaligner.modeling import create_tiny_model
@@ -151,22 +151,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     os.environ.update(server.env)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
     try:
-        if BUCKET not in [b["Name"] for b in st.s3_client(StorageConfig()).list_buckets().get("Buckets", [])]:
+        storage = Storage()
+        if BUCKET not in [b["Name"] for b in storage.client.list_buckets().get("Buckets", [])]:
             server.create_bucket(BUCKET)
-        st_cfg = StorageConfig()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         s3 = f"s3://{BUCKET}"
         timings["start"] = time.perf_counter() - t
 
         t = _step(f"generate {cfg.pairs} synthetic preference pairs ({HELD_OUT} never labelled alike)")
         write_pairs(out / "data" / "pairs.jsonl", cfg.pairs, seed=cfg.seed, apart=HELD_OUT)
-        st.copy_dir(str(out / "data"), f"{s3}/pairs", st_cfg)
+        storage.copy_dir(str(out / "data"), f"{s3}/pairs")
         timings["generate"] = time.perf_counter() - t
 
         t = _step("reformulate on Ray Data (S3 -> S3)")
         reformulated = run_reformulation(ReformulateConfig(
             input=f"{s3}/pairs", output=f"{s3}/reformulated", objectives="synthetic", template="paper",
-            seed=cfg.seed), st_cfg)
+            seed=cfg.seed), storage)
         print(json.dumps({k: reformulated[k] for k in ("rows_read", "valid_pairs", "quarantined", "items")}))
         timings["reformulate"] = time.perf_counter() - t
 
@@ -179,18 +179,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         corpus += [get_template("paper").render(c, syn.render(syn.names), "q", "a") for c in ("better", "equal")] * 50
         create_tiny_model(out / "models" / "base", corpus, vocab_size=1024, hidden_size=128, num_layers=4,
                           num_heads=4, max_position_embeddings=512, seed=cfg.seed)
-        st.copy_dir(str(out / "models" / "base"), f"{s3}/models/base", st_cfg)
+        storage.copy_dir(str(out / "models" / "base"), f"{s3}/models/base")
         timings["model"] = time.perf_counter() - t
 
         t = _step("train: warm-up -> equal -> contrastive (Ray Train, DeepSpeed ZeRO-3, 2 CPU workers)")
-        train = run_training(_train_config(f"{s3}/reformulated", f"{s3}/models/base", f"{s3}/train", cfg), st_cfg)
+        train = run_training(_train_config(f"{s3}/reformulated", f"{s3}/models/base", f"{s3}/train", cfg), storage)
         timings["train"] = time.perf_counter() - t
         corrector = str(out / "models" / "corrector")
-        st.copy_dir(f"{s3}/train/contrastive/model", corrector, st_cfg)
+        storage.copy_dir(f"{s3}/train/contrastive/model", corrector)
 
         t = _step("serve: Ray Serve app, sample corrections (one with an unseen free-text objective)")
         items = _eval_items(cfg)
-        samples = _serve_samples(corrector, items, st_cfg)
+        samples = _serve_samples(corrector, items, storage)
         for s in samples:
             print(f"objectives={[o if isinstance(o, str) else o['name'] for o in s['request']['objectives']]}\n"
                   f"  answer:     {s['request']['answer']}\n  correction: {s['response']['correction']}")
@@ -198,14 +198,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         t = _step("batch-correct held-out questions (Ray Data actor pool)")
         lines = "\n".join(json.dumps(i) for i in items) + "\n"
-        st.write_text(f"{s3}/eval/items/items.jsonl", lines, st_cfg)
+        storage.write_text(f"{s3}/eval/items/items.jsonl", lines)
         candidates = {"corrected": list(OBJECTIVES), "held_out_pair": list(HELD_OUT)}
         candidates.update({f"zs{k}": list(OBJECTIVES[:k]) for k in range(1, len(OBJECTIVES))})
-        corrections = {name: _correct(f"{s3}/eval/items", corrector, objs, f"{s3}/eval/corrected-{name}", st_cfg)
+        corrections = {name: _correct(f"{s3}/eval/items", corrector, objs, f"{s3}/eval/corrected-{name}", storage)
                        for name, objs in candidates.items()}
         rows = [{"id": i["id"], "question": i["question"], "golden": i["golden"], "original": i["answer"],
                  **{name: corrections[name][i["id"]] for name in candidates}} for i in items]
-        st.write_text(f"{s3}/eval/table/table.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n", st_cfg)
+        storage.write_text(f"{s3}/eval/table/table.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
         timings["correct"] = time.perf_counter() - t
 
         t = _step("evaluate: rule judges per objective vs golden answers")
@@ -217,7 +217,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "zero_shot": {"candidates": zs, "labels": ["none", *(f"+{o}" for o in OBJECTIVES)]},
             "judge": {"kind": "rules", "rules": "synthetic"}, "seed": cfg.seed, "bootstrap_samples": 500,
             "plot_rate": "win_tie_rate"})
-        run_evaluation(eval_cfg, st_cfg)
+        run_evaluation(eval_cfg, storage)
         report = json.loads((out / "evaluation" / "results.json").read_text())
         timings["evaluate"] = time.perf_counter() - t
 

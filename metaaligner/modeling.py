@@ -12,7 +12,7 @@ from typing import Iterable
 import pyarrow.fs as pafs
 
 from metaaligner import storage as st
-from metaaligner.config import StorageConfig
+from metaaligner.storage import Storage
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -22,9 +22,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("METAALIGNER_CACHE", Path(tempfile.gettempdir()) / "metaaligner-cache"))
 
 
-def list_model_files(uri: str, storage: StorageConfig) -> dict[str, tuple[int, int]]:
+def list_model_files(uri: str, storage: Storage) -> dict[str, tuple[int, int]]:
     """name -> (size, mtime) of a model folder's files, or a clear error (missing, no config.json, no safetensors)."""
-    fs, path = st.filesystem(uri, storage)
+    fs, path = storage.filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"model folder not found: {uri}")
     files = {i.path[len(path):].lstrip("/"): (i.size or 0, i.mtime_ns or 0)
@@ -36,7 +36,7 @@ def list_model_files(uri: str, storage: StorageConfig) -> dict[str, tuple[int, i
     return files
 
 
-def local_model_dir(uri: str, storage: StorageConfig, weights: bool = True, cache_dir: str | Path | None = None) -> Path:
+def local_model_dir(uri: str, storage: Storage, weights: bool = True, cache_dir: str | Path | None = None) -> Path:
     """The folder itself when local; else a per-node cached copy under `cache_dir` (default: cache_root()/models);
     weights=False copies config + tokenizer only."""
     if not st.is_s3(uri):
@@ -50,7 +50,7 @@ def local_model_dir(uri: str, storage: StorageConfig, weights: bool = True, cach
     with open(folder.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per node even with 8 workers starting together
         if not (folder / ".complete").exists():
-            fs, path = st.filesystem(uri, storage)
+            fs, path = storage.filesystem(uri)
             local = pafs.LocalFileSystem()
             for name in names:
                 pafs.copy_files(f"{path}/{name}", str(folder / name), source_filesystem=fs, destination_filesystem=local)

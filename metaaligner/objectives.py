@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 
@@ -52,6 +54,36 @@ class ObjectiveSet:
 
 def render_objectives(objectives: list[Objective]) -> str:
     return SEPARATOR.join(o.render() for o in objectives)
+
+
+def parse_objective_specs(value) -> list[str | dict]:
+    """A per-row or per-request objectives value -> specs: names, or {name, description} for unseen objectives.
+
+    Takes a list (or an Arrow list), a JSON list in a string, or names separated by ';' ("A; B"). Blank names are
+    dropped; None, "" and [] give []. Anything else is a ValueError naming the problem.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("["):
+            return [name.strip() for name in text.split(";") if name.strip()]
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"objectives: a string starting with '[' must be a JSON list ({e})") from None
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"objectives must be a list, a JSON list or 'A; B', got {type(value).__name__}")
+    specs: list[str | dict] = []
+    for spec in value:
+        if isinstance(spec, str):
+            if spec.strip():
+                specs.append(spec.strip())
+        elif isinstance(spec, Mapping):
+            specs.append(dict(spec))
+        else:
+            raise ValueError(f"an objective is a name or {{name, description}}, got {type(spec).__name__}")
+    return specs
 
 
 def _parse(name: str, entries: object) -> ObjectiveSet:

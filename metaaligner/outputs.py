@@ -27,7 +27,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from metaaligner import storage as st
-from metaaligner.config import StorageConfig
+from metaaligner.storage import Storage, StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +64,29 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def read_manifest(uri: str, storage: StorageConfig) -> dict | None:
+def read_manifest(uri: str, storage: Storage) -> dict | None:
     """The `_SUCCESS` manifest of an output folder, or None when there is none."""
     path = st.join(uri, MANIFEST)
-    if not st.exists(path, storage):
+    if not storage.exists(path):
         return None
-    manifest = st.read_json(path, storage)
+    manifest = storage.read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
         raise OutputError(f"{path} is not a metaaligner manifest")
     return manifest
 
 
-def committed_files(uri: str, storage: StorageConfig) -> list[str] | None:
+def committed_files(uri: str, storage: Storage) -> list[str] | None:
     """Filesystem paths of the files the manifest of `uri` lists (relative order kept), None for raw input.
 
     Raises OutputError for an incomplete run (`_staging/` without `_SUCCESS`).
     """
     manifest = read_manifest(uri, storage)
     if manifest is None:
-        if st.exists(st.join(uri, STAGING), storage):
+        if storage.exists(st.join(uri, STAGING)):
             raise OutputError(f"{uri} holds an incomplete run (`{STAGING}/` but no `{MANIFEST}`): rerun the job that "
                               f"writes it, or point at a committed output")
         return None
-    _, root = st.filesystem(uri, storage)
+    _, root = storage.filesystem(uri)
     return [f"{root}/{f['path']}" for f in manifest["files"]]
 
 
@@ -99,8 +99,8 @@ def _relative_files(fs: pafs.FileSystem, root: str) -> dict[str, int]:
 class _S3Upload(io.RawIOBase):
     """A write-only stream into one S3 object via a multipart upload that is completed on close, aborted on error."""
 
-    def __init__(self, uri: str, storage: StorageConfig):
-        self.client = st.s3_client(storage)
+    def __init__(self, uri: str, storage: Storage):
+        self.client = storage.client
         self.bucket, self.key = st.split_s3(uri)
         self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
         self.parts: list[dict] = []
@@ -142,7 +142,7 @@ class _S3Upload(io.RawIOBase):
 
 
 @contextmanager
-def open_output_stream(uri: str, storage: StorageConfig) -> Iterator:
+def open_output_stream(uri: str, storage: Storage) -> Iterator:
     """A binary stream whose file appears at `uri` only if the block exits cleanly.
 
     On an error nothing is left behind: a local file is written under a temporary name and removed; on S3 the
@@ -171,13 +171,13 @@ def open_output_stream(uri: str, storage: StorageConfig) -> Iterator:
 class StagedOutput:
     """One run's view of an output folder: write under `staging_uri`, then `commit(summary)`."""
 
-    def __init__(self, uri: str, job: str, storage: StorageConfig, run_id: str | None = None):
+    def __init__(self, uri: str, job: str, storage: Storage | StorageConfig | None = None, run_id: str | None = None):
         self.uri = uri.rstrip("/")
         self.job = job
-        self.storage = storage
+        self.storage = storage = Storage.of(storage)
         self.run_id = run_id or new_run_id()
         self.staging_uri = st.join(self.uri, STAGING, self.run_id)
-        st.check_bucket(self.uri, storage)
+        storage.check_bucket(self.uri)
         previous = read_manifest(self.uri, storage)
         if previous is not None and previous.get("job") != job:
             raise OutputError(f"{self.uri} holds a committed {previous.get('job')!r} output; a {job!r} run may not "
@@ -191,7 +191,7 @@ class StagedOutput:
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         """(pyarrow filesystem, staging root path) for writers that take a filesystem."""
-        return st.filesystem(self.staging_uri, self.storage)
+        return self.storage.filesystem(self.staging_uri)
 
     @contextmanager
     def open(self, *parts: str) -> Iterator:
@@ -207,7 +207,7 @@ class StagedOutput:
     def commit(self, summary: dict) -> dict:
         """Move the staged files into place, write `_SUCCESS` (the commit point), delete what the previous manifest
         listed and this run did not write, write `_summary.json` last, and clean `_staging/`. Returns the manifest."""
-        fs, root = st.filesystem(self.uri, self.storage)
+        fs, root = self.storage.filesystem(self.uri)
         staged = _relative_files(fs, f"{root}/{STAGING}/{self.run_id}")
         reserved = sorted(f for f in staged if f in (MANIFEST, SUMMARY))
         if reserved:
@@ -248,7 +248,7 @@ class StagedOutput:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 os.replace(src, dst)
             return
-        client = st.s3_client(self.storage)  # managed copy: multipart for objects over 5 GB, unlike CopyObject
+        client = self.storage.client  # managed copy: multipart for objects over 5 GB, unlike CopyObject
 
         def move(src_dst: tuple[str, str]) -> None:
             (bucket, src_key), (_, dst_key) = (p.split("/", 1) for p in src_dst)

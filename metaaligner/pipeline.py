@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from metaaligner import storage as st
+from metaaligner.storage import Storage
 from metaaligner.config import MetaAlignerConfig
 
 STEPS = ("reformulate", "train", "correct", "evaluate")
@@ -31,7 +31,7 @@ def _runners(steps: list[str]) -> dict:
 
         runners["evaluate"] = run_evaluation
     if "reformulate" in steps:
-        from metaaligner.data.pipeline import run_reformulation
+        from metaaligner.data.reformulate.job import run_reformulation
 
         runners["reformulate"] = run_reformulation
     return runners
@@ -43,14 +43,15 @@ def run_pipeline(cfg: MetaAlignerConfig, steps: tuple[str, ...] = STEPS, summary
     if not selected:
         raise ValueError(f"nothing to run: the config has none of the sections {', '.join(steps)}")
     runners = _runners(selected)
+    storage = Storage(cfg.storage)  # one for the whole pipeline: every step reuses its S3 filesystem and client
     results: dict = {}
     started = time.perf_counter()
     for step in selected:
         print(f"== pipeline: {step} ==", flush=True)
         t = time.perf_counter()
-        results[step] = runners[step](getattr(cfg, step), cfg.storage)
+        results[step] = runners[step](getattr(cfg, step), storage)
         print(f"== pipeline: {step} done in {time.perf_counter() - t:.1f}s ==", flush=True)
     results["wall_time_s"] = round(time.perf_counter() - started, 3)
     if summary_uri:
-        st.write_json(summary_uri, results, cfg.storage)
+        storage.write_json(summary_uri, results)
     return results

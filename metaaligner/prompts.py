@@ -59,3 +59,17 @@ def get_template(profile: str) -> Template:
         formats.setdefault("equal", formats["better"].replace("make it better", "make it equal"))
         return Template(profile, formats)
     raise ValueError(f"unknown template {profile!r}: use one of {', '.join(PROFILES)}")
+
+
+def truncate_weak_answer(tokenizer, prompt: str, answer: str, limit: int) -> list[int] | None:
+    """Token ids of `prompt` with the tail of its weak answer cut so that at most `limit` tokens remain; the
+    objectives, the question and the rest of the template are kept whole. None when the answer is not in the prompt
+    or even an empty answer does not fit. The one truncation policy of training and batch correction."""
+    cut = prompt.rfind(answer) if answer else -1
+    if cut < 0:
+        return None
+    head = tokenizer(prompt[:cut])["input_ids"]
+    body = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(prompt[cut + len(answer):], add_special_tokens=False)["input_ids"]
+    budget = limit - len(head) - len(tail)
+    return None if budget < 0 else head + body[:budget] + tail

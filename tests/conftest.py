@@ -38,10 +38,11 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def storage_config(s3_server):
-    from metaaligner.config import StorageConfig
+def storage(s3_server):
+    """The session's storage on the local S3 server (what a job builds once from its `storage:` settings)."""
+    from metaaligner.storage import Storage, StorageConfig
 
-    return StorageConfig(endpoint_url=s3_server.endpoint_url, region="us-east-1")
+    return Storage(StorageConfig(endpoint_url=s3_server.endpoint_url, region="us-east-1"))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metaaligner import storage
 from metaaligner.synthetic import write_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,14 +97,14 @@ def wait_for_nodes(address, n, timeout_s=90):
     raise RuntimeError(f"cluster did not reach {n} nodes")
 
 
-def test_job_on_two_nodes_reformulates_and_trains(two_node_cluster, s3_bucket, storage_config, tiny_model_dir, tmp_path):
+def test_job_on_two_nodes_reformulates_and_trains(two_node_cluster, s3_bucket, storage, tiny_model_dir, tmp_path):
     from ray.job_submission import JobStatus
 
     jobs, address = two_node_cluster
     wait_for_nodes(address, 2)
     pairs = write_pairs(tmp_path / "pairs.jsonl", 120, seed=11)
-    storage.copy_dir(str(tmp_path), f"s3://{s3_bucket}/in", storage_config)
-    storage.copy_dir(str(tiny_model_dir), f"s3://{s3_bucket}/base", storage_config)
+    storage.copy_dir(str(tmp_path), f"s3://{s3_bucket}/in")
+    storage.copy_dir(str(tiny_model_dir), f"s3://{s3_bucket}/base")
     config = {
         "reformulate": {"input": f"s3://{s3_bucket}/in/{pairs.name}", "output": f"s3://{s3_bucket}/ref",
                         "objectives": "synthetic"},
@@ -133,9 +132,9 @@ def test_job_on_two_nodes_reformulates_and_trains(two_node_cluster, s3_bucket, s
     logs = jobs.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
 
-    summary = storage.read_json(f"s3://{s3_bucket}/ref/_summary.json", storage_config)
+    summary = storage.read_json(f"s3://{s3_bucket}/ref/_summary.json")
     assert summary["valid_pairs"] == 120
-    train = storage.read_json(f"s3://{s3_bucket}/train/contrastive/_summary.json", storage_config)
+    train = storage.read_json(f"s3://{s3_bucket}/train/contrastive/_summary.json")
     assert train["steps"] == 3
     assert len(set(train["worker_nodes"])) == 2  # one worker per node
-    assert storage.exists(f"s3://{s3_bucket}/train/contrastive/model/model.safetensors", storage_config)
+    assert storage.exists(f"s3://{s3_bucket}/train/contrastive/model/model.safetensors")

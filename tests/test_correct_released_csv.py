@@ -129,8 +129,8 @@ def test_released_csv_through_correct_and_evaluate_with_the_paper_prompt(ray_clu
 def test_content_ids_do_not_depend_on_how_the_rows_are_split_into_files(ray_cluster, tmp_path):
     import pyarrow.fs as pafs
 
-    from metaaligner.data.row_ids import add_content_ids, unique_content_ids
-    from metaaligner.data.text_csv import read_text_csv
+    from metaaligner.data.ids import add_content_ids, unique_content_ids
+    from metaaligner.data.io.text_csv import read_text_csv
 
     rows = released_rows()
     write_csv(tmp_path / "one" / "all.csv", rows)

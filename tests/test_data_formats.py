@@ -8,14 +8,15 @@ from collections import Counter
 import pytest
 
 from metaaligner.config import ReformulateConfig
-from metaaligner.data.adapters import hh_rlhf_scores, ultrafeedback
-from metaaligner.data.algorithm import reformulate_pair
-from metaaligner.data.dedup import LocalIdRegistry
-from metaaligner.data.fastchat import fastchat, parse_prompt
-from metaaligner.data.pairs import validate_pair
-from metaaligner.data.schema import Rejected
-from metaaligner.data.split import HoldoutSplit
-from metaaligner.data.transform import Reformulator
+from metaaligner.data.contract import Rejected
+from metaaligner.data.formats.canonical import validate_pair
+from metaaligner.data.formats.fastchat import fastchat, parse_prompt
+from metaaligner.data.formats.hh_rlhf import hh_rlhf_scores
+from metaaligner.data.formats.ultrafeedback import ultrafeedback
+from metaaligner.data.reformulate.algorithm import reformulate_pair
+from metaaligner.data.reformulate.holdout import HoldoutSplit
+from metaaligner.data.reformulate.oracle import Reformulator
+from metaaligner.data.reformulate.owners import LocalIdRegistry
 from metaaligner.objectives import load_objective_set
 from metaaligner.prompts import CONDITIONS, PROFILES, get_template
 from metaaligner.synthetic import make_pair

@@ -13,13 +13,13 @@ import pytest
 
 from metaaligner.cli import main as cli_main
 from metaaligner.config import ReformulateConfig
-from metaaligner.data.algorithm import reformulate_pair
-from metaaligner.data.dedup import LocalIdRegistry
-from metaaligner.data.pairs import validate_pair
-from metaaligner.data.pipeline import run_reformulation
-from metaaligner.data.schema import QUARANTINE_SCHEMA
-from metaaligner.data.split import HoldoutSplit
-from metaaligner.data.transform import Reformulator
+from metaaligner.data.contract import QUARANTINE_SCHEMA
+from metaaligner.data.formats.canonical import validate_pair
+from metaaligner.data.reformulate.algorithm import reformulate_pair
+from metaaligner.data.reformulate.holdout import HoldoutSplit
+from metaaligner.data.reformulate.job import run_reformulation
+from metaaligner.data.reformulate.oracle import Reformulator
+from metaaligner.data.reformulate.owners import LocalIdRegistry
 from metaaligner.objectives import load_objective_set
 from metaaligner.outputs import OutputError
 from metaaligner.prompts import get_template
@@ -190,11 +190,11 @@ def reconciles(s):
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv"])
 @pytest.mark.parametrize("fmt", sorted(POISON))
-def test_poison_corpus_in_every_format_and_file_type(ray_cluster, storage_config, tmp_path, fmt, kind):
+def test_poison_corpus_in_every_format_and_file_type(ray_cluster, storage, tmp_path, fmt, kind):
     n_poison = write_input(kind, fmt, tmp_path / "in")
     cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), format=fmt,
                             objectives=SETS[fmt], template="paper")
-    s = run_reformulation(cfg, storage_config)
+    s = run_reformulation(cfg, storage)
     reconciles(s)
     assert s["rows_bad"] == n_poison and "internal_error" not in s["quarantined_by_reason"]
     assert s["training_pairs"] == (120 if fmt == "ultrafeedback" else 40)  # every good row made it
@@ -202,7 +202,7 @@ def test_poison_corpus_in_every_format_and_file_type(ray_cluster, storage_config
     assert len(quarantine) == s["quarantined"] and all(q["reason"] and q["detail"] and q["record"] for q in quarantine)
 
 
-def test_wrong_format_fails_without_committing_and_explains(ray_cluster, storage_config, tmp_path, capsys):
+def test_wrong_format_fails_without_committing_and_explains(ray_cluster, storage, tmp_path, capsys):
     rows = good_rows("canonical", 300)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -224,7 +224,7 @@ def test_wrong_format_fails_without_committing_and_explains(ray_cluster, storage
     assert json.loads((staging / "_summary.json").read_text())["committed"] is False
 
 
-def test_bad_input_files_fail_with_their_name_or_are_recorded(ray_cluster, storage_config, tmp_path):
+def test_bad_input_files_fail_with_their_name_or_are_recorded(ray_cluster, storage, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     for k in range(2):
@@ -233,10 +233,10 @@ def test_bad_input_files_fail_with_their_name_or_are_recorded(ray_cluster, stora
     cfg = ReformulateConfig(input=str(folder), output=str(tmp_path / "out"), format="hh_rlhf_scores",
                             objectives="hh_rlhf")
     with pytest.raises(OutputError, match=r"cannot read input file .*broken\.parquet"):
-        run_reformulation(cfg, storage_config)
+        run_reformulation(cfg, storage)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
-    s = run_reformulation(cfg.model_copy(update={"on_bad_file": "quarantine"}), storage_config)
+    s = run_reformulation(cfg.model_copy(update={"on_bad_file": "quarantine"}), storage)
     (bad,) = s["bad_files"]
     assert bad["path"].endswith("broken.parquet") and bad["rows_before_error"] == 0 and bad["error"]
     assert s["files"] == 3 and s["valid_pairs"] == 40
@@ -248,14 +248,14 @@ def test_bad_input_files_fail_with_their_name_or_are_recorded(ray_cluster, stora
     (gz / "rows.jsonl.gz").write_bytes(gzip.compress(lines)[:-12])  # a truncated archive
     gz_cfg = cfg.model_copy(update={"input": str(gz), "output": str(tmp_path / "gz-out"), "on_bad_file": "quarantine"})
     with pytest.raises(OutputError, match="none of the 1 input files could be read .*Truncated compressed stream"):
-        run_reformulation(gz_cfg, storage_config)  # nothing readable at all: nothing to commit
+        run_reformulation(gz_cfg, storage)  # nothing readable at all: nothing to commit
     (gz / "more.jsonl").write_bytes(lines)
-    s = run_reformulation(gz_cfg, storage_config)
+    s = run_reformulation(gz_cfg, storage)
     (bad,) = s["bad_files"]
     assert bad["path"].endswith("rows.jsonl.gz") and s["rows_read"] == 5 == s["valid_pairs"]
 
 
-def test_a_file_breaking_half_way_aborts_its_parts(ray_cluster, storage_config, tmp_path):
+def test_a_file_breaking_half_way_aborts_its_parts(ray_cluster, storage, tmp_path):
     """Items already written for a file that then fails are aborted, never left as a closed, valid-looking part."""
     (tmp_path / "in").mkdir()
     path = tmp_path / "in" / "scores.parquet"
@@ -270,9 +270,9 @@ def test_a_file_breaking_half_way_aborts_its_parts(ray_cluster, storage_config, 
     cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), format="hh_rlhf_scores",
                             objectives="hh_rlhf", batch_size=300)
     with pytest.raises(OutputError, match=r"cannot read input file .*scores\.parquet: OSError"):
-        run_reformulation(cfg, storage_config)
+        run_reformulation(cfg, storage)
     (staging,) = (tmp_path / "out" / "_staging").iterdir()
     assert not [p for p in staging.rglob("*") if p.is_file()]  # 900 rows were written, then aborted
 
-    s = run_reformulation(cfg.model_copy(update={"on_bad_file": "quarantine"}), storage_config)
+    s = run_reformulation(cfg.model_copy(update={"on_bad_file": "quarantine"}), storage)
     assert s["bad_files"][0]["rows_before_error"] == 900 == s["rows_read"] == s["valid_pairs"]

@@ -11,17 +11,16 @@ import pytest
 from evaluation_server import ChatJudgeServer
 from PIL import Image
 
-from metaaligner import storage as st
 from metaaligner.cli import main
-from metaaligner.config import StorageConfig
 from metaaligner.evaluation.cache import ResultCache
 from metaaligner.evaluation.config import EvaluateConfig, JudgeConfig
 from metaaligner.evaluation.job import run_evaluation
 from metaaligner.evaluation.judges import rule_score
+from metaaligner.storage import Storage, StorageConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = "Sure. Use a timer. Hope this helps."
-LOCAL = StorageConfig(endpoint_url=None)
+LOCAL = Storage(StorageConfig(endpoint_url=None))
 
 
 def _answer(polite: bool, calm: bool) -> str:
@@ -70,33 +69,33 @@ def _check_known_rates(results: dict) -> None:
     assert results["improvement"]["average"]["win_tie_rate"] == pytest.approx((0.5 + 0.5) / 4)
 
 
-def test_rule_judge_on_s3_with_quarantine_reports_and_resume(ray_cluster, s3_bucket, storage_config):
+def test_rule_judge_on_s3_with_quarantine_reports_and_resume(ray_cluster, s3_bucket, storage):
     base = f"s3://{s3_bucket}/eval"
-    st.write_text(f"{base}/input/items.jsonl", _jsonl(_rows()), storage_config)
+    storage.write_text(f"{base}/input/items.jsonl", _jsonl(_rows()))
     cfg = EvaluateConfig(input=f"{base}/input", output=f"{base}/out", bootstrap_samples=200, batch_size=16,
                          copy_threshold=0.0)
-    summary = run_evaluation(cfg, storage_config)
+    summary = run_evaluation(cfg, storage)
     assert (summary["items"], summary["quarantined"], summary["judged"], summary["invalid"]) == (12, 2, 80, 0)
 
-    results = st.read_json(f"{base}/out/results.json", storage_config)
+    results = storage.read_json(f"{base}/out/results.json")
     _check_known_rates(results)
     assert {q["id"]: (q["reason"], q["error"]) for q in results["quarantine"]} == {
         "no-golden": ("missing_golden", "missing golden answer ('golden')"),
         "bad-objective": ("unknown_objective", "unknown objective(s) ['Humour']")}
     assert results["copy_rate"]["copies"] == 2 and results["copy_rate"]["n"] == 10  # rows 7 and 9 are unchanged
-    quarantine = st.read_text(f"{base}/out/_quarantine.jsonl", storage_config).splitlines()
+    quarantine = storage.read_text(f"{base}/out/_quarantine.jsonl").splitlines()
     assert len(quarantine) == 2
-    md = st.read_text(f"{base}/out/results.md", storage_config)
+    md = storage.read_text(f"{base}/out/results.md")
     assert "| Politeness | 40.0 [" in md and "+50.0" in md and "wins / judged (the paper's Algorithm 2" in md
-    assert st.read_json(f"{base}/out/_SUCCESS", storage_config)["job"] == "evaluate"
-    fs, path = st.filesystem(f"{base}/out/win_rates.png", storage_config)
+    assert storage.read_json(f"{base}/out/_SUCCESS")["job"] == "evaluate"
+    fs, path = storage.filesystem(f"{base}/out/win_rates.png")
     with fs.open_input_stream(path) as f:
         _png_ok(f.read())
-    assert not st.exists(f"{base}/out/zero_shot.png", storage_config)
+    assert not storage.exists(f"{base}/out/zero_shot.png")
 
-    again = run_evaluation(cfg, storage_config)  # everything comes from the resume cache on S3
+    again = run_evaluation(cfg, storage)  # everything comes from the resume cache on S3
     assert (again["judged"], again["reused_from_cache"]) == (0, 80)
-    assert st.read_json(f"{base}/out/results.json", storage_config)["per_objective"] == results["per_objective"]
+    assert storage.read_json(f"{base}/out/results.json")["per_objective"] == results["per_objective"]
 
 
 def test_llm_judge_through_ray_data_resumes_after_an_interrupted_run(ray_cluster, tmp_path):

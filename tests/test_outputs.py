@@ -21,18 +21,18 @@ def out_uri(request, tmp_path):
 
 @pytest.fixture
 def storage(request, out_uri):
-    from metaaligner.config import StorageConfig
+    from metaaligner.storage import Storage
 
     if st.is_s3(out_uri):
-        return request.getfixturevalue("storage_config")
-    return StorageConfig()
+        return request.getfixturevalue("storage")
+    return Storage()
 
 
 def _files(uri, storage) -> dict[str, str]:
     """rel path -> text of every file under uri, staging included."""
     import pyarrow.fs as pafs
 
-    fs, root = st.filesystem(uri, storage)
+    fs, root = storage.filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     out = {}
     for i in infos:
@@ -57,7 +57,7 @@ def test_commit_rerun_and_failed_run(out_uri, storage):
     first = _files(out_uri, storage)
     assert first["a/part-1.txt"] == "one" and first["results.json"] == "r1"
     assert [f["path"] for f in read_manifest(out_uri, storage)["files"]] == ["a/part-1.txt", "results.json"]
-    assert st.read_json(st.join(out_uri, "_summary.json"), storage)["n"] == 1
+    assert storage.read_json(st.join(out_uri, "_summary.json"))["n"] == 1
     assert not any(k.startswith("_staging") for k in first)
 
     # a failed rerun: staged files exist, no commit -> the committed output is untouched, staging is kept
@@ -81,7 +81,7 @@ def test_commit_moves_many_files_and_times_itself(out_uri, storage):
     _run(out_uri, storage, files, {"n": 1})
     assert _files(out_uri, storage) == {**files, MANIFEST: _files(out_uri, storage)[MANIFEST],
                                         "_summary.json": _files(out_uri, storage)["_summary.json"]}
-    assert st.read_json(st.join(out_uri, "_summary.json"), storage)["commit_s"] >= 0
+    assert storage.read_json(st.join(out_uri, "_summary.json"))["commit_s"] >= 0
 
 
 def test_foreign_files_are_never_deleted_or_overwritten(out_uri, storage):
@@ -119,15 +119,15 @@ def test_writer_error_leaves_no_file(out_uri, storage):
             writer = pq.ParquetWriter(f, pa.schema([("x", pa.int64())]))
             writer.write_table(pa.table({"x": list(range(1000))}))
             raise RuntimeError("mid-write")
-    assert not st.exists(target, storage)
+    assert not storage.exists(target)
     assert _files(out_uri, storage) == {}
     if st.is_s3(out_uri):
         bucket, _ = st.split_s3(out_uri)
-        assert not st.s3_client(storage).list_multipart_uploads(Bucket=bucket).get("Uploads")
+        assert not storage.client.list_multipart_uploads(Bucket=bucket).get("Uploads")
     with open_output_stream(target, storage) as f:
         with pq.ParquetWriter(f, pa.schema([("x", pa.int64())])) as writer:
             writer.write_table(pa.table({"x": [1, 2]}))
-    fs, path = st.filesystem(target, storage)
+    fs, path = storage.filesystem(target)
     assert pq.read_table(path, filesystem=fs).column("x").to_pylist() == [1, 2]
 
 

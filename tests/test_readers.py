@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
-from metaaligner.config import StorageConfig
-from metaaligner.data.readers import discover
+from metaaligner.data.io.discovery import discover
 from metaaligner.outputs import OutputError, StagedOutput
+from metaaligner.storage import Storage
 
-LOCAL = StorageConfig()
+LOCAL = Storage()
 
 
 def _touch(path, text="{}\n"):

@@ -5,10 +5,11 @@ from collections import Counter
 
 import pytest
 
-from metaaligner.data.adapters import hh_rlhf_scores, ultrafeedback
-from metaaligner.data.algorithm import reformulate_pair
-from metaaligner.data.pairs import Pair, validate_pair
-from metaaligner.data.schema import Rejected
+from metaaligner.data.contract import Rejected
+from metaaligner.data.formats.canonical import Pair, validate_pair
+from metaaligner.data.formats.hh_rlhf import hh_rlhf_scores
+from metaaligner.data.formats.ultrafeedback import ultrafeedback
+from metaaligner.data.reformulate.algorithm import reformulate_pair
 from metaaligner.objectives import load_objective_set
 from metaaligner.prompts import get_template
 

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metaaligner.data.duplicates import (ID_SCHEMA, KEY_SCHEMA, RowIds, deferred_rows, duplicated, losers,
-                                         pair_digest)
-from metaaligner.data.pairs import validate_pair
+from metaaligner.data.duplicates.candidate_ids import RowIds
+from metaaligner.data.duplicates.rule import ID_SCHEMA, KEY_SCHEMA, deferred_rows, duplicated, losers, pair_digest
+from metaaligner.data.formats.canonical import validate_pair
 from metaaligner.objectives import load_objective_set
 
 UF = load_objective_set("ultrafeedback")
@@ -127,9 +127,9 @@ def kept_items(out):
     return sorted(json.dumps(r, sort_keys=True) for r in rows)
 
 
-def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, tmp_path, storage_config):
+def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, tmp_path, storage):
     from metaaligner.config import ReformulateConfig
-    from metaaligner.data.pipeline import run_reformulation
+    from metaaligner.data.reformulate.job import run_reformulation
 
     rows = planted_rows()
     layouts = [("one", 1, "parquet", 0), ("many", 5, "parquet", 1), ("jsonl", 3, "jsonl", 2)]
@@ -138,7 +138,7 @@ def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, 
         write_layout(rows, tmp_path / name, files, kind, seed)
         cfg = ReformulateConfig(input=str(tmp_path / name), output=str(tmp_path / f"out-{name}"),
                                 objectives="synthetic", batch_size=64)
-        summary = run_reformulation(cfg, storage_config)
+        summary = run_reformulation(cfg, storage)
         assert summary["duplicates"] == len(rows) - 300 and summary["valid_pairs"] == 300
         outputs.append(kept_items(tmp_path / f"out-{name}"))
     assert outputs[0] == outputs[1] == outputs[2]

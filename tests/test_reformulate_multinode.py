@@ -11,10 +11,9 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from metaaligner import storage
-from metaaligner.synthetic import make_pair
 from test_cluster_multinode import free_ports, start_node, stop_node, wait_for_nodes
+
+from metaaligner.synthetic import make_pair
 
 RUN = """
 import json, sys, ray
@@ -23,7 +22,7 @@ if sys.argv[1]:
 else:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 from metaaligner.config import ReformulateConfig, StorageConfig
-from metaaligner.data.pipeline import run_reformulation
+from metaaligner.data.reformulate.job import run_reformulation
 cfg = ReformulateConfig(**json.loads(sys.argv[2]))
 print("SUMMARY " + json.dumps(run_reformulation(cfg, StorageConfig(endpoint_url=sys.argv[3], region="us-east-1"))))
 """
@@ -56,7 +55,7 @@ def stop_quickly(proc):
     stop_node(proc)  # reaps it and removes its temp dir
 
 
-def planted_input(bucket, storage_config, files=6, per_file=250):
+def planted_input(bucket, storage, files=6, per_file=250):
     """Synthetic pairs in `files` Parquet files, plus duplicates in other files than their first copy: exact
     copies, same id with other content, an id three times, and a few invalid rows."""
     rng = random.Random(13)
@@ -71,14 +70,14 @@ def planted_input(bucket, storage_config, files=6, per_file=250):
         parts[k].append({**parts[(k + 3) % files][11], "question": "another question?"})
         parts[k].append({**donor[20], "preferences": '{"Calmness": "sideways"}'})  # invalid copy: not a duplicate
     parts[0].append({**parts[2][7], "response_1": "a third version"})
-    fs, root = storage.filesystem(f"s3://{bucket}/in", storage_config)
+    fs, root = storage.filesystem(f"s3://{bucket}/in")
     for k, part in enumerate(parts):
         pq.write_table(pa.Table.from_pylist(part), f"{root}/part-{k}.parquet", filesystem=fs)
     return sum(len(p) for p in parts)
 
 
-def reformulate(address, cfg, storage_config):
-    out = subprocess.run([sys.executable, "-c", RUN, address, json.dumps(cfg), storage_config.endpoint_url],
+def reformulate(address, cfg, storage):
+    out = subprocess.run([sys.executable, "-c", RUN, address, json.dumps(cfg), storage.config.endpoint_url],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     lines = [line for line in out.stdout.splitlines() if line.startswith("SUMMARY ")]
@@ -86,8 +85,8 @@ def reformulate(address, cfg, storage_config):
     return json.loads(lines[-1][len("SUMMARY "):])
 
 
-def contents(uri, storage_config):
-    fs, root = storage.filesystem(uri, storage_config)
+def contents(uri, storage):
+    fs, root = storage.filesystem(uri)
     out = {}
     for kind in ("contrastive", "equal", "_quarantine"):
         rows = pq.read_table(f"{root}/{kind}", filesystem=fs).to_pylist()
@@ -95,12 +94,12 @@ def contents(uri, storage_config):
     return out
 
 
-def test_two_nodes_give_the_items_and_duplicate_winners_of_one_node(two_nodes, s3_bucket, storage_config):
-    total = planted_input(s3_bucket, storage_config)
+def test_two_nodes_give_the_items_and_duplicate_winners_of_one_node(two_nodes, s3_bucket, storage):
+    total = planted_input(s3_bucket, storage)
     base = {"input": f"s3://{s3_bucket}/in", "objectives": "synthetic", "batch_size": 100}
-    one = reformulate("", {**base, "output": f"s3://{s3_bucket}/one"}, storage_config)
+    one = reformulate("", {**base, "output": f"s3://{s3_bucket}/one"}, storage)
     two = reformulate(two_nodes, {**base, "output": f"s3://{s3_bucket}/two", "duplicate_check_local_mb": 0},
-                      storage_config)
+                      storage)
 
     assert two["worker_nodes"] == 2 and one["worker_nodes"] == 1
     assert two["duplicate_check"]["partitions"] >= 2 and one["duplicate_check"]["partitions"] == 0
@@ -110,4 +109,4 @@ def test_two_nodes_give_the_items_and_duplicate_winners_of_one_node(two_nodes, s
         assert s["duplicate_check"]["losers"] == s["duplicates"]
     assert {k: one[k] for k in ("items", "items_by_objective", "quarantined_by_reason")} == \
         {k: two[k] for k in ("items", "items_by_objective", "quarantined_by_reason")}
-    assert contents(f"s3://{s3_bucket}/one", storage_config) == contents(f"s3://{s3_bucket}/two", storage_config)
+    assert contents(f"s3://{s3_bucket}/one", storage) == contents(f"s3://{s3_bucket}/two", storage)

@@ -14,21 +14,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from metaaligner import storage
-from metaaligner.config import ReformulateConfig, StorageConfig
-from metaaligner.data.pipeline import run_reformulation
-from metaaligner.data.readers import discover
+from metaaligner.config import ReformulateConfig
+from metaaligner.data.io.discovery import discover
+from metaaligner.data.reformulate.job import run_reformulation
 from metaaligner.outputs import OutputError
 from metaaligner.s3server import LocalS3Server
+from metaaligner.storage import Storage, StorageConfig
 
 TEMPLATE_ROW = {"question": "Tell me about the lamp.", "response_1": "The lamp is red. Hope this helps.",
                 "response_2": "the lamp is really red!", "preferences": json.dumps(
                     {"Politeness": "=", "Conciseness": ">", "Calmness": ">", "Capitalization": "<"})}
 
 
-def write_pairs(uri: str, storage_config, files: int, per_file: int) -> None:
+def write_pairs(uri: str, storage, files: int, per_file: int) -> None:
     """Many cheap canonical pairs (distinct ids and questions) as Parquet parts."""
-    fs, path = storage.filesystem(uri, storage_config)
+    fs, path = storage.filesystem(uri)
     fs.create_dir(path, recursive=True)
     for f in range(files):
         ids = [f"p{f}-{k}" for k in range(per_file)]
@@ -37,12 +37,12 @@ def write_pairs(uri: str, storage_config, files: int, per_file: int) -> None:
         pq.write_table(table, f"{path}/part-{f}.parquet", filesystem=fs)
 
 
-def items(uri: str, storage_config) -> dict[str, list[dict]]:
+def items(uri: str, storage) -> dict[str, list[dict]]:
     """Every committed row per output folder, sorted (file names differ between runs; contents must not)."""
-    fs, root = storage.filesystem(uri, storage_config)
+    fs, root = storage.filesystem(uri)
     out = {}
     for kind in ("contrastive", "equal", "_quarantine"):
-        files = [f"{root}/{f['path']}" for f in storage.read_json(f"{uri}/_SUCCESS", storage_config)["files"]
+        files = [f"{root}/{f['path']}" for f in storage.read_json(f"{uri}/_SUCCESS")["files"]
                  if f["path"].startswith(kind + "/")]
         rows = [r for f in files for r in pq.read_table(f, filesystem=fs).to_pylist()]
         out[kind] = sorted(rows, key=json.dumps)
@@ -54,41 +54,41 @@ def local_snapshot(root) -> dict:
             if p.is_file() and "_staging" not in p.relative_to(root).parts}
 
 
-def test_rerun_replaces_the_output_at_commit_only(ray_cluster, storage_config, tmp_path):
-    write_pairs(str(tmp_path / "in"), storage_config, files=2, per_file=50)
+def test_rerun_replaces_the_output_at_commit_only(ray_cluster, storage, tmp_path):
+    write_pairs(str(tmp_path / "in"), storage, files=2, per_file=50)
     cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), objectives="synthetic")
-    first = run_reformulation(cfg, storage_config)
+    first = run_reformulation(cfg, storage)
     manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert manifest["job"] == "reformulate" and manifest["run_id"] == first["run_id"]
     assert sorted(f["path"].split("/")[0] for f in manifest["files"]) == ["contrastive"] * 2 + ["equal"] * 2
     assert not (tmp_path / "out" / "_staging").exists()
     (tmp_path / "out" / "notes.txt").write_text("mine")  # a file no manifest lists is never touched
 
-    second = run_reformulation(cfg.model_copy(update={"seed": 7}), storage_config)
+    second = run_reformulation(cfg.model_copy(update={"seed": 7}), storage)
     files = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.parquet")}
     assert files == {f["path"] for f in json.loads((tmp_path / "out" / "_SUCCESS").read_text())["files"]}
     assert second["run_id"] != first["run_id"] and (tmp_path / "out" / "notes.txt").read_text() == "mine"
-    _, train_files = discover(str(tmp_path / "out" / "contrastive"), storage_config, skip_test_files=True)
+    _, train_files = discover(str(tmp_path / "out" / "contrastive"), storage, skip_test_files=True)
     assert len(train_files) == 2 and all(second["run_id"] in f for f in train_files)
 
 
 @pytest.mark.parametrize("output", ["in", "in/out", "."])
-def test_output_must_be_apart_from_the_input(tmp_path, storage_config, output):
+def test_output_must_be_apart_from_the_input(tmp_path, storage, output):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "pairs.jsonl").write_text("{}\n")
     cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(tmp_path / output), objectives="synthetic")
     with pytest.raises(ValueError, match="output .* (is the input|lies inside|contains the input)"):
-        run_reformulation(cfg, storage_config)
+        run_reformulation(cfg, storage)
     assert (tmp_path / "in" / "pairs.jsonl").read_text() == "{}\n" and not (tmp_path / "in" / "out").exists()
 
 
-def test_sigkilled_rerun_leaves_the_previous_output_intact(ray_cluster, storage_config, tmp_path):
+def test_sigkilled_rerun_leaves_the_previous_output_intact(ray_cluster, storage, tmp_path):
     """9(b): SIGKILL a reformulation rerun (a CLI subprocess on the same Ray cluster) while it writes."""
-    write_pairs(str(tmp_path / "in"), storage_config, files=6, per_file=8000)
+    write_pairs(str(tmp_path / "in"), storage, files=6, per_file=8000)
     out = tmp_path / "out"
     cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(out), objectives="synthetic", batch_size=500)
-    clean = run_reformulation(cfg, storage_config)
-    before, clean_items = local_snapshot(out), items(str(out), storage_config)
+    clean = run_reformulation(cfg, storage)
+    before, clean_items = local_snapshot(out), items(str(out), storage)
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "metaaligner.cli", "reformulate", "--input", str(tmp_path / "in"),
@@ -113,8 +113,8 @@ def test_sigkilled_rerun_leaves_the_previous_output_intact(ray_cluster, storage_
     assert local_snapshot(out) == before  # every committed byte, _SUCCESS and _summary.json included
     assert list((out / "_staging").iterdir())  # the killed run's partial files stay in its staging folder
 
-    again = run_reformulation(cfg, storage_config)
-    assert items(str(out), storage_config) == clean_items and again["valid_pairs"] == clean["valid_pairs"] == 48000
+    again = run_reformulation(cfg, storage)
+    assert items(str(out), storage) == clean_items and again["valid_pairs"] == clean["valid_pairs"] == 48000
     assert not (out / "_staging").exists()
 
 
@@ -139,7 +139,7 @@ def test_s3_outage_during_a_rerun_keeps_the_previous_output(ray_cluster, tmp_pat
     server = LocalS3Server(str(tmp_path / "s3")).start()
     try:
         server.create_bucket("fault")
-        st = StorageConfig(endpoint_url=server.endpoint_url, region="us-east-1")
+        st = Storage(StorageConfig(endpoint_url=server.endpoint_url, region="us-east-1"))
         write_pairs("s3://fault/in", st, files=4, per_file=8000)
         cfg = ReformulateConfig(input="s3://fault/in", output="s3://fault/out", objectives="synthetic", batch_size=500)
         clean = run_reformulation(cfg, st)
@@ -167,7 +167,7 @@ def test_s3_outage_during_a_rerun_keeps_the_previous_output(ray_cluster, tmp_pat
         assert "previous output in s3://fault/out is unchanged" in str(failure[0])
 
         server.start()  # same data directory, new ports
-        st = StorageConfig(endpoint_url=server.endpoint_url, region="us-east-1")
+        st = Storage(StorageConfig(endpoint_url=server.endpoint_url, region="us-east-1"))
         assert _s3_snapshot(server, "fault", "out/") == before
         again = run_reformulation(cfg, st)
         assert items(cfg.output, st) == clean_items and again["valid_pairs"] == clean["valid_pairs"] == 32000

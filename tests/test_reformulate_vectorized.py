@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from metaaligner.data.algorithm import _digest, seeded_shuffle
-from metaaligner.data.split import HoldoutSplit
-from metaaligner.data.transform import Reformulator
-from metaaligner.data.dedup import AllOwners
-from metaaligner.data.vector_batch import VectorReformulator, python_rows
-from metaaligner.data.vectorized import digest_words, shuffled_positions
+from metaaligner.data.io.columns import python_rows
+from metaaligner.data.reformulate.algorithm import _digest, seeded_shuffle
+from metaaligner.data.reformulate.batch import VectorReformulator
+from metaaligner.data.reformulate.column_algorithm import digest_words, shuffled_positions
+from metaaligner.data.reformulate.holdout import HoldoutSplit
+from metaaligner.data.reformulate.oracle import Reformulator
+from metaaligner.data.reformulate.owners import AllOwners
 from metaaligner.objectives import Objective, ObjectiveSet, load_objective_set
 from metaaligner.prompts import PROFILES, get_template
 
@@ -272,6 +273,6 @@ def test_formats_without_a_column_form_match_too():
 def test_whitespace_list_is_pythons():
     import sys
 
-    from metaaligner.data.vector_checks import PY_SPACE
+    from metaaligner.data.reformulate.column_checks import PY_SPACE
 
     assert PY_SPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from metaaligner import storage
 from metaaligner.cli import main as cli_main
-from metaaligner.config import RewardModelConfig, ScoreConfig, StorageConfig
-from metaaligner.data.hh_rlhf_raw import split_batch, split_pair
-from metaaligner.data.reward_models import RewardModel, create_tiny_reward_model, inspect_model
-from metaaligner.data.schema import Rejected
-from metaaligner.data.scoring import output_schema, run_scoring
-from metaaligner.data.zscore import ValueHistogram, zscore
+from metaaligner.config import RewardModelConfig, ScoreConfig
+from metaaligner.data.contract import Rejected
+from metaaligner.data.formats.hh_rlhf_raw import split_batch, split_pair
+from metaaligner.data.scoring.job import output_schema, run_scoring
+from metaaligner.data.scoring.reward_models import RewardModel, create_tiny_reward_model, inspect_model
+from metaaligner.data.scoring.zscore import ValueHistogram, zscore
+from metaaligner.storage import Storage
 
 WORDS = ("the lamp is red and blue you can ask me about jokes cats dogs weather food music help please thanks "
          "why how what would should could never always maybe funny sad kind rude safe harm").split()
@@ -106,9 +106,9 @@ def write_config(path, reward_dirs, **score) -> str:
     return str(path)
 
 
-def read_output(uri: str, storage_config) -> list[dict]:
-    fs, path = storage.filesystem(uri, storage_config)
-    manifest = storage.read_json(f"{uri}/_SUCCESS", storage_config)
+def read_output(uri: str, storage) -> list[dict]:
+    fs, path = storage.filesystem(uri)
+    manifest = storage.read_json(f"{uri}/_SUCCESS")
     files = [f"{path}/{f['path']}" for f in manifest["files"] if not f["path"].startswith("_")]
     tables = [pq.read_table(f, filesystem=fs) for f in files]
     for t in tables:
@@ -172,19 +172,19 @@ def test_reward_model_scores_match_a_direct_call_and_settings_resolve(reward_dir
     prompts, chosen, _ = map(list, zip(*(split_pair(r) for r in rows)))
     for name, folder in reward_dirs.items():
         spec = RewardModelConfig(name=name, path=str(folder), **MODEL_SETTINGS[name])
-        model = RewardModel(spec, StorageConfig(), micro_batch_size=4)  # padded, length-sorted micro-batches
+        model = RewardModel(spec, Storage(), micro_batch_size=4)  # padded, length-sorted micro-batches
         np.testing.assert_allclose(model.score(model.encode(prompts, chosen)),
                                    direct_rewards(folder, MODEL_SETTINGS[name], prompts, chosen), atol=1e-5)
         assert model.plan.input == "text"  # no sep token: prompt + response as one text
-    plan = inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Humour"])), StorageConfig())
+    plan = inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Humour"])), Storage())
     assert (plan.max_length, plan.head, plan.num_labels) == (HUMOUR_LIMIT, 0, 1)
     labelled = inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Helpfulness"]), head="LABEL_1"),
-                             StorageConfig())
+                             Storage())
     assert labelled.head == 1
     for bad, message in (({"head": 2}, "out of range"), ({"head": "HUMOR"}, "not a label"),
                          ({"max_length": HUMOUR_LIMIT + 1}, "exceeds")):
         with pytest.raises(ValueError, match=message):
-            inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Humour"]), **bad), StorageConfig())
+            inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Humour"]), **bad), Storage())
 
 
 def test_config_errors_fail_before_any_work(tmp_path, reward_dirs):
@@ -196,29 +196,29 @@ def test_config_errors_fail_before_any_work(tmp_path, reward_dirs):
     model = [{"name": "A", "path": str(reward_dirs["Humour"])}]
     with pytest.raises(ValueError, match="inside the input"):
         run_scoring(ScoreConfig(input=str(tmp_path), output=str(tmp_path / "out"), reward_models=model),
-                    StorageConfig())
+                    Storage())
     (tmp_path / "weights.bin").write_text("")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         run_scoring(ScoreConfig(input=str(tmp_path), output=str(tmp_path.parent / "o"),
-                                reward_models=[{"name": "A", "path": str(tmp_path)}]), StorageConfig())
+                                reward_models=[{"name": "A", "path": str(tmp_path)}]), Storage())
     assert not (tmp_path.parent / "o").exists()  # nothing staged
 
 
 # --- the job on Ray ---------------------------------------------------------------------------------------------
 
-def test_score_s3_end_to_end_then_reformulate(ray_cluster, s3_bucket, storage_config, reward_dirs, tmp_path):
+def test_score_s3_end_to_end_then_reformulate(ray_cluster, s3_bucket, storage, reward_dirs, tmp_path):
     good = hh_rows(40, seed=7)
     rng = random.Random(8)
     long_rows = [hh_row(rng, long=True) for _ in range(2)]
     lines = [json.dumps(r) for r in good + long_rows]
     lines += [b if isinstance(b, str) else json.dumps(b) for rows in BAD_ROWS.values() for b in rows]
     random.Random(0).shuffle(lines)
-    fs, path = storage.filesystem(f"s3://{s3_bucket}/raw", storage_config)
+    fs, path = storage.filesystem(f"s3://{s3_bucket}/raw")
     with fs.open_output_stream(f"{path}/train.jsonl.gz", compression=None) as f:  # the hh-rlhf release format
         f.write(gzip.compress(("\n".join(lines[:30]) + "\n").encode()))
     with fs.open_output_stream(f"{path}/more.jsonl") as f:
         f.write(("\n".join(lines[30:]) + "\n").encode())
-    storage.copy_dir(str(reward_dirs["Humour"]), f"s3://{s3_bucket}/models/humour", storage_config)
+    storage.copy_dir(str(reward_dirs["Humour"]), f"s3://{s3_bucket}/models/humour")
     config = write_config(tmp_path / "score.yaml", reward_dirs, batch_size=8, micro_batch_size=4)
     out = f"s3://{s3_bucket}/scored"
     code = cli_main(["score", "--config", config, "--input", f"s3://{s3_bucket}/raw", "--output", out,
@@ -226,7 +226,7 @@ def test_score_s3_end_to_end_then_reformulate(ray_cluster, s3_bucket, storage_co
                      "--reward-model", f"Humour=s3://{s3_bucket}/models/humour"])
     assert code == 0
 
-    summary = storage.read_json(f"{out}/_summary.json", storage_config)
+    summary = storage.read_json(f"{out}/_summary.json")
     n_bad = sum(len(v) for v in BAD_ROWS.values())
     assert summary["rows_read"] == len(lines) == summary["rows_scored"] + summary["rows_quarantined"]
     assert summary["rows_scored"] == 40
@@ -235,7 +235,7 @@ def test_score_s3_end_to_end_then_reformulate(ray_cluster, s3_bucket, storage_co
     assert summary["objectives"] == ["Harmlessness", "Helpfulness", "Humour"]
     assert [m["head"] for m in summary["reward_models"]] == [0, 1, 0]
 
-    rows = read_output(out, storage_config)
+    rows = read_output(out, storage)
     assert [r for r in rows if r["prompt"] + r["chosen_response"] in {x["chosen"] for x in long_rows}] == []
     expected = expected_scores(reward_dirs, sorted(good, key=lambda r: split_pair(r)))
     for column, values in expected.items():
@@ -243,7 +243,7 @@ def test_score_s3_end_to_end_then_reformulate(ray_cluster, s3_bucket, storage_co
     stats = summary["normalisation"]["per_model"]["Harmlessness"]
     assert stats["count"] == 80 and stats["std"] > 0
 
-    qfs, qpath = storage.filesystem(f"{out}/_quarantine", storage_config)
+    qfs, qpath = storage.filesystem(f"{out}/_quarantine")
     quarantine = pq.read_table(qpath, filesystem=qfs).to_pylist()
     assert len(quarantine) == n_bad + 2 and all(q["detail"] and q["record"] and q["source"] for q in quarantine)
     too_long = [q for q in quarantine if q["reason"] == "too_long"]
@@ -263,7 +263,7 @@ def test_score_s3_end_to_end_then_reformulate(ray_cluster, s3_bucket, storage_co
                            "equal": sum("=" in p for p in prefs)}
 
 
-def test_scores_do_not_depend_on_files_batches_or_actors(ray_cluster, storage_config, reward_dirs, tmp_path):
+def test_scores_do_not_depend_on_files_batches_or_actors(ray_cluster, storage, reward_dirs, tmp_path):
     rows = hh_rows(30, seed=11)
     (tmp_path / "in").mkdir()
     for k in range(3):
@@ -273,13 +273,13 @@ def test_scores_do_not_depend_on_files_batches_or_actors(ray_cluster, storage_co
     assert cli_main([*base, "--output", str(tmp_path / "a"), "--batch-size", "30", "--micro-batch-size", "64"]) == 0
     assert cli_main([*base, "--output", str(tmp_path / "b"), "--batch-size", "4", "--micro-batch-size", "3",
                      "--concurrency", "2"]) == 0
-    a, b = read_output(str(tmp_path / "a"), storage_config), read_output(str(tmp_path / "b"), storage_config)
+    a, b = read_output(str(tmp_path / "a"), storage), read_output(str(tmp_path / "b"), storage)
     assert len(a) == 30 and a == b  # bit-identical z-scores
     expected = expected_scores(reward_dirs, sorted(rows, key=lambda r: split_pair(r)))
     np.testing.assert_allclose([r["rejected_score2"] for r in a], expected["rejected_score2"], rtol=1e-9, atol=1e-12)
 
 
-def test_too_many_bad_rows_fail_without_commit(ray_cluster, storage_config, reward_dirs, tmp_path, capsys):
+def test_too_many_bad_rows_fail_without_commit(ray_cluster, storage, reward_dirs, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     lines = [json.dumps(r) for r in hh_rows(3, seed=3)] + ["{not json"] * 4 + [json.dumps({"text": "x"})] * 2
     (tmp_path / "in" / "data.jsonl").write_text("\n".join(lines) + "\n")

@@ -16,11 +16,10 @@ def _rows(n: int) -> list[dict]:
     return rows
 
 
-def test_correct_cli_on_s3(ray_cluster, s3_server, s3_bucket, storage_config, tiny_model_dir, tmp_path):
-    from metaaligner import storage as st
+def test_correct_cli_on_s3(ray_cluster, s3_server, s3_bucket, storage, tiny_model_dir, tmp_path):
     from metaaligner.cli import main
 
-    s3 = st.s3_client(storage_config)
+    s3 = storage.client
     rows = _rows(10)
     for part, chunk in enumerate((rows[:6], rows[6:])):
         buf = pa.BufferOutputStream()
@@ -28,21 +27,21 @@ def test_correct_cli_on_s3(ray_cluster, s3_server, s3_bucket, storage_config, ti
             ("id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
             ("objectives", pa.list_(pa.string()))])), buf)
         s3.put_object(Bucket=s3_bucket, Key=f"in/part-{part}.parquet", Body=buf.getvalue().to_pybytes())
-    st.copy_dir(str(tiny_model_dir), f"s3://{s3_bucket}/models/tiny", storage_config)
+    storage.copy_dir(str(tiny_model_dir), f"s3://{s3_bucket}/models/tiny")
 
     out = f"s3://{s3_bucket}/out"
     rc = main(["correct", "--input", f"s3://{s3_bucket}/in", "--output", out, "--model", f"s3://{s3_bucket}/models/tiny",
-               "--endpoint-url", storage_config.endpoint_url, "--default-objectives", "Truthfulness",
+               "--endpoint-url", storage.config.endpoint_url, "--default-objectives", "Truthfulness",
                "--concurrency", "2", "--batch-size", "4"])
     assert rc == 0
-    summary = st.read_json(f"{out}/_summary.json", storage_config)
+    summary = storage.read_json(f"{out}/_summary.json")
     assert summary["rows"] == 10 and summary["corrected"] == 9 and summary["errors"] == 1
     assert summary["completion_tokens"] > 0 and summary["input_files"] == 2 and summary["too_long"] == 0
-    manifest = st.read_json(f"{out}/_SUCCESS", storage_config)  # committed through the staging protocol
+    manifest = storage.read_json(f"{out}/_SUCCESS")  # committed through the staging protocol
     assert manifest["job"] == "correct" and all(f["path"].endswith(".parquet") for f in manifest["files"])
-    assert not st.exists(f"{out}/_staging", storage_config)
+    assert not storage.exists(f"{out}/_staging")
 
-    fs, path = st.filesystem(out, storage_config)
+    fs, path = storage.filesystem(out)
     table = pq.read_table(path, filesystem=fs).sort_by("id")
     got = {r["id"]: r for r in table.to_pylist()}
     assert set(got) == {r["id"] for r in rows}
@@ -80,6 +79,39 @@ def test_correct_local_jsonl_and_bad_input(ray_cluster, tiny_model_dir, tmp_path
         run_correction(cfg.model_copy(update={"default_objectives": ["Nope"]}), StorageConfig())
 
 
+
+def test_correct_quarantines_a_bad_json_line_and_reads_objectives_as_evaluate_does(ray_cluster, tiny_model_dir,
+                                                                                  tmp_path):
+    """One reader and one objectives parser for correct and evaluate: a line that is not JSON is quarantined with
+    its reason (not a failed run), and "A; B" names two objectives, as in evaluate."""
+    from metaaligner.serving.batch import run_correction
+    from metaaligner.serving.config import CorrectConfig
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = [{"id": "a", "question": "What is 2+2?", "answer": "5", "objectives": "Harmlessness; Humour"},
+            {"id": "b", "question": "Tell me a joke.", "answer": "No.", "objectives": ["Helpfulness"]}]
+    lines = [json.dumps(good[0]), '{"id": "broken", "question": ', json.dumps(good[1]), "[1, 2]"]
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = CorrectConfig(input=str(src), output=str(tmp_path / "out"), model=str(tiny_model_dir), objectives="hh_rlhf",
+                        generation={"max_new_tokens": 4}, num_cpus=0.5)
+    summary = run_correction(cfg)
+    assert summary["rows_read"] == 4 and summary["rows"] == 2 and summary["errors"] == 0
+    assert summary["quarantined"] == 2 and summary["quarantined_by_reason"] == {"invalid_json": 2}
+    got = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert got["a"]["objectives_used"] == ["Harmlessness", "Humour"] and got["b"]["objectives_used"] == ["Helpfulness"]
+    shards = sorted((tmp_path / "out" / "_quarantine").glob("*.jsonl"))
+    records = [json.loads(line) for shard in shards for line in shard.read_text().splitlines()]
+    assert sorted(r["record"] for r in records) == sorted([lines[1], lines[3]])
+    assert {r["source"] for r in records} == {str(src / "a.jsonl")}
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert any(f["path"].startswith("_quarantine/") for f in manifest["files"])
+
+    (src / "a.jsonl").write_text("\n".join(lines[:2] + ["not json"] * 3) + "\n")
+    with pytest.raises(Exception, match="max_bad_fraction"):  # 4 of 5 rows unreadable: nothing is committed
+        run_correction(cfg.model_copy(update={"output": str(tmp_path / "out2")}))
+    assert not (tmp_path / "out2" / "_SUCCESS").exists()
+
 LONG_ANSWER = "word " * 200
 LONG_QUESTION = "Why " * 300 + "?"
 
@@ -97,14 +129,14 @@ def _too_long_rows() -> pa.Table:
 def test_on_too_long_modes_never_fail_the_batch(tiny_model_dir, mode):
     """The actor itself on a batch (no Ray scheduling needed): a prompt over max_input_tokens follows on_too_long,
     is flagged too_long, and every other row is corrected."""
-    from metaaligner.config import StorageConfig
     from metaaligner.serving.batch import KEPT_ORIGINAL, CorrectorActor
     from metaaligner.serving.config import CorrectConfig
+    from metaaligner.storage import Storage
 
     limit = 200
     cfg = CorrectConfig(input="x", output="y", model=str(tiny_model_dir), objectives="hh_rlhf", template="hh_rlhf",
                         max_input_tokens=limit, on_too_long=mode, generation={"max_new_tokens": 4})
-    out = {r["id"]: r for r in CorrectorActor(cfg, StorageConfig())(_too_long_rows()).to_pylist()}
+    out = {r["id"]: r for r in CorrectorActor(cfg, Storage())(_too_long_rows()).to_pylist()}
     assert len(out) == 5 and out["long-answer"]["answer"] == LONG_ANSWER  # input columns are kept
     for rid in ("ok0", "ok1", "ok2"):
         assert out[rid]["too_long"] is False and out[rid]["error"] is None
@@ -127,7 +159,7 @@ def test_on_too_long_modes_never_fail_the_batch(tiny_model_dir, mode):
 def test_truncate_answer_cuts_only_the_answer_tail(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from metaaligner.serving.batch import truncate_answer
+    from metaaligner.prompts import truncate_weak_answer as truncate_answer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = f"Objectives: be kind | Context: Why? | Answer: {LONG_ANSWER}| Edit: "

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from metaaligner.serving.config import CorrectorConfig, GenerationConfig, ServeConfig
-from metaaligner.serving.corrector import (CorrectionInputError, Corrector, GenerationParams, InputTooLong, Prompter,
-                                           UnknownObjectives)
+from metaaligner.serving.corrector import Corrector, Prompter, UnknownObjectives
+from metaaligner.serving.engines.contract import CorrectionInputError, GenerationParams, InputTooLong
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_correct_batched_left_padded(corrector):
 
 
 def test_safetensors_only(tmp_path, tiny_model_dir):
-    from metaaligner.serving.corrector import TextGenerator
+    from metaaligner.serving.engines.hf_model import TextGenerator
 
     folder = tmp_path / "pt-model"
     folder.mkdir()

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from metaaligner.serving.config import CorrectorConfig
-from metaaligner.serving.corrector import Generation, GenerationParams, InputTooLong, Prompter
-from metaaligner.serving.engines import EngineOverloaded, create_engine, failure, is_out_of_memory
+from metaaligner.serving.corrector import Prompter
+from metaaligner.serving.engines import create_engine
+from metaaligner.serving.engines.contract import (
+    EngineOverloaded,
+    Generation,
+    GenerationParams,
+    InputTooLong,
+    failure,
+    is_out_of_memory,
+)
 from metaaligner.serving.engines.vllm import vllm_available
 
 GREEDY = GenerationParams(12, 0.0, 1.0)
@@ -25,7 +33,7 @@ def _config(model, engine: str) -> CorrectorConfig:
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
-    from metaaligner.serving.corrector import TextGenerator
+    from metaaligner.serving.engines.hf_model import TextGenerator
 
     return TextGenerator(_config(tiny_model_dir, "hf"))
 
@@ -170,7 +178,7 @@ def test_http_mapping_of_engine_failures():
     import torch
 
     from metaaligner.serving.app import _http_error
-    from metaaligner.serving.engines import EngineError
+    from metaaligner.serving.engines.contract import EngineError
 
     for e in (torch.OutOfMemoryError("CUDA out of memory"), EngineOverloaded("stopped")):
         h = _http_error(e, retry_after=3)

@@ -11,8 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-from metaaligner import storage as st
-from metaaligner.config import StorageConfig
+from metaaligner.storage import Storage, StorageConfig
 
 
 def _reduced_keys(fs) -> dict:
@@ -35,8 +34,8 @@ def test_no_static_keys_means_nothing_frozen_and_the_sdk_chain_still_reaches_s3(
     code = textwrap.dedent(f"""
         import json, pickle
         from metaaligner import storage as st
-        from metaaligner.config import StorageConfig
-        fs, path = st.filesystem("s3://{s3_bucket}/run/a.txt", StorageConfig(endpoint_url={s3_server.endpoint_url!r}))
+        from metaaligner.storage import Storage, StorageConfig
+        fs, path = Storage(StorageConfig(endpoint_url={s3_server.endpoint_url!r})).filesystem("s3://{s3_bucket}/run/a.txt")
         args = fs.__reduce__()[1][0]
         with fs.open_output_stream(path) as f:
             f.write(b"written through the SDK chain")
@@ -55,23 +54,23 @@ def test_no_static_keys_means_nothing_frozen_and_the_sdk_chain_still_reaches_s3(
 
 def test_static_keys_from_the_environment_are_passed_and_work(s3_server, s3_bucket, monkeypatch):
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    storage = StorageConfig(endpoint_url=s3_server.endpoint_url)  # s3_server exported its keys
-    fs, path = st.filesystem(f"s3://{s3_bucket}/static/a.txt", storage)
+    storage = Storage(StorageConfig(endpoint_url=s3_server.endpoint_url))  # s3_server exported its keys
+    fs, path = storage.filesystem(f"s3://{s3_bucket}/static/a.txt")
     assert _reduced_keys(fs) == {"access_key": s3_server.access_key, "secret_key": s3_server.secret_key,
                                  "session_token": None}
-    st.write_text(f"s3://{s3_bucket}/static/a.txt", "static keys", storage)
+    storage.write_text(f"s3://{s3_bucket}/static/a.txt", "static keys")
     copy = pickle.loads(pickle.dumps(fs))
     with copy.open_input_stream(path) as f:
         assert f.read() == b"static keys"
 
 
 def test_a_session_token_travels_with_static_keys_and_half_a_key_pair_is_ignored(monkeypatch):
-    storage = StorageConfig(endpoint_url="http://127.0.0.1:9")  # never contacted
+    config = StorageConfig(endpoint_url="http://127.0.0.1:9")  # never contacted
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "token")
-    fs, _ = st.filesystem("s3://bucket/key", storage)
+    fs, _ = Storage(config).filesystem("s3://bucket/key")  # a job's storage reads the keys when it is built
     assert _reduced_keys(fs) == {"access_key": "AKIDEXAMPLE", "secret_key": "secret", "session_token": "token"}
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    fs, _ = st.filesystem("s3://bucket/key", storage)
+    fs, _ = Storage(config).filesystem("s3://bucket/key")
     assert _reduced_keys(fs) == {"access_key": None, "secret_key": None, "session_token": None}

@@ -30,7 +30,6 @@ import pytest
 from botocore.config import Config as BotoConfig
 from training_helpers import reformulated_rows, write_reformulated
 
-from metaaligner import storage as st
 from metaaligner.cli import main
 from metaaligner.config import load_config
 from metaaligner.training.config import STAGES
@@ -59,12 +58,12 @@ def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | N
 
 
 @pytest.fixture(scope="module")
-def trained(s3_server, storage_config, ray_cluster, tiny_model_dir, tmp_path_factory):
+def trained(s3_server, storage, ray_cluster, tiny_model_dir, tmp_path_factory):
     bucket = "training-e2e"
     s3_server.create_bucket(bucket)
     data = write_reformulated(tmp_path_factory.mktemp("reformulated"))
-    st.copy_dir(str(data), f"s3://{bucket}/reformulated", storage_config)
-    st.copy_dir(str(tiny_model_dir), f"s3://{bucket}/models/tiny", storage_config)
+    storage.copy_dir(str(data), f"s3://{bucket}/reformulated")
+    storage.copy_dir(str(tiny_model_dir), f"s3://{bucket}/models/tiny")
     overrides = {"storage.endpoint_url": s3_server.endpoint_url, "train.data": f"s3://{bucket}/reformulated",
                  "train.base_model": f"s3://{bucket}/models/tiny", "train.output": f"s3://{bucket}/train"}
     # 1. the first job: a separate driver process on the same Ray cluster, held right after a checkpoint, then killed
@@ -77,9 +76,8 @@ def trained(s3_server, storage_config, ray_cluster, tiny_model_dir, tmp_path_fac
         proc = subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(TINY), json.dumps(overrides), json.dumps(faults)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     def registered() -> bool:  # Ray Train's controller recorded the step-4 checkpoint as the latest
-        snapshots = st.list_files(f"s3://{bucket}/train/checkpoints", storage_config,
-                                  ("checkpoint_manager_snapshot.json",))
-        return any("contrastive-step000004" in st.read_text(f"s3://{p}", storage_config)
+        snapshots = storage.list_files(f"s3://{bucket}/train/checkpoints", ("checkpoint_manager_snapshot.json",))
+        return any("contrastive-step000004" in storage.read_text(f"s3://{p}")
                    for p in snapshots if "/tiny-contrastive-" in p)
 
     try:
@@ -88,8 +86,7 @@ def trained(s3_server, storage_config, ray_cluster, tiny_model_dir, tmp_path_fac
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    killed = {"marker_step": int(marker.read_text()), "contrastive_committed": st.exists(
-        f"s3://{bucket}/train/contrastive/_SUCCESS", storage_config)}
+    killed = {"marker_step": int(marker.read_text()), "contrastive_committed": storage.exists(f"s3://{bucket}/train/contrastive/_SUCCESS")}
     _wait_for(lambda: ray_cluster.available_resources().get("CPU", 0) >= free_cpus, 120,
               "the killed job's workers to go")
     # 2. the same job submitted again through the CLI: a fresh driver
@@ -99,14 +96,14 @@ def trained(s3_server, storage_config, ray_cluster, tiny_model_dir, tmp_path_fac
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(args) == 0
-    summaries = {s: st.read_json(f"s3://{bucket}/train/{s}/_summary.json", storage_config) for s in STAGES}
-    samples = {s: _samples(f"s3://{bucket}/train/{s}/logs/samples.jsonl", storage_config) for s in STAGES}
+    summaries = {s: storage.read_json(f"s3://{bucket}/train/{s}/_summary.json") for s in STAGES}
+    samples = {s: _samples(f"s3://{bucket}/train/{s}/logs/samples.jsonl", storage) for s in STAGES}
     return {"bucket": bucket, "summaries": summaries, "samples": samples, "args": args, "killed": killed,
             "printed": printed.getvalue(), "data": data}
 
 
 def _samples(uri: str, storage) -> dict[int, list]:
-    return {r["step"]: r["ids"] for r in map(json.loads, st.read_text(uri, storage).splitlines())}
+    return {r["step"]: r["ids"] for r in map(json.loads, storage.read_text(uri).splitlines())}
 
 
 def test_three_stages_chain_and_loss_falls(trained):
@@ -137,18 +134,18 @@ def test_warmup_samples_the_equal_subset_only(trained):
     assert trained_keys == {row_key(i) for i in sampled}
 
 
-def test_export_is_committed_loads_and_generates(trained, storage_config, tmp_path):
+def test_export_is_committed_loads_and_generates(trained, storage, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     bucket = trained["bucket"]
-    manifest = st.read_json(f"s3://{bucket}/train/contrastive/_SUCCESS", storage_config)
+    manifest = storage.read_json(f"s3://{bucket}/train/contrastive/_SUCCESS")
     listed = {f["path"] for f in manifest["files"]}
     assert manifest["job"] == "train-contrastive" and {"model/model.safetensors", "logs/metrics.jsonl"} <= listed
-    fs, root = st.filesystem(f"s3://{bucket}/train/contrastive/_staging", storage_config)
+    fs, root = storage.filesystem(f"s3://{bucket}/train/contrastive/_staging")
     staged = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     assert not [i.path for i in staged if i.type == pafs.FileType.File]  # the killed run's staging was cleaned
     folder = tmp_path / "model"
-    st.copy_dir(f"s3://{bucket}/train/contrastive/model", str(folder), storage_config)
+    storage.copy_dir(f"s3://{bucket}/train/contrastive/model", str(folder))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert str(model.dtype) == "torch.bfloat16"
@@ -159,8 +156,8 @@ def test_export_is_committed_loads_and_generates(trained, storage_config, tmp_pa
     assert out.shape[1] > inputs["input_ids"].shape[1]
     assert tok.eos_token_id in out[0, inputs["input_ids"].shape[1]:].tolist()  # learned to end its answer
     logs = f"s3://{bucket}/train/contrastive/logs"
-    assert st.list_files(f"{logs}/tensorboard", storage_config, ("",)), "TensorBoard events missing"
-    records = st.read_text(f"{logs}/metrics.jsonl", storage_config).splitlines()
+    assert storage.list_files(f"{logs}/tensorboard", ("",)), "TensorBoard events missing"
+    records = storage.read_text(f"{logs}/metrics.jsonl").splitlines()
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mfu_anchor"} <= json.loads(records[0]).keys()
 
 
@@ -175,7 +172,7 @@ def test_killed_job_resubmitted_resumes_at_the_saved_step(trained):
     # the sample order equals an uninterrupted run's: checked against the retrained run in the last test
 
 
-def test_interrupted_run_resumes_and_survives_an_s3_outage_with_the_same_samples(trained, s3_server, storage_config,
+def test_interrupted_run_resumes_and_survives_an_s3_outage_with_the_same_samples(trained, s3_server, storage,
                                                                                  tmp_path):
     """Two faults in one run of the contrastive stage, which must still replay exactly the samples of the shared
     (killed-and-resubmitted) job:
@@ -189,7 +186,7 @@ def test_interrupted_run_resumes_and_survives_an_s3_outage_with_the_same_samples
     cfg = load_config(TINY, {"train.data": f"s3://{bucket}/reformulated", "train.base_model": "unused",
                              "train.output": f"s3://{bucket}/resumed", "train.run_name": "resumed",
                              "train.keep_checkpoints": 10}).train
-    st.copy_dir(f"s3://{bucket}/train/equal/model", f"s3://{bucket}/resumed/equal/model", storage_config)
+    storage.copy_dir(f"s3://{bucket}/train/equal/model", f"s3://{bucket}/resumed/equal/model")
     failed, uploading, frozen_s, frozen = tmp_path / "failed-once", tmp_path / "uploading", 14.0, {}
     probe = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
                          config=BotoConfig(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1}))
@@ -210,7 +207,7 @@ def test_interrupted_run_resumes_and_survives_an_s3_outage_with_the_same_samples
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
     try:
-        summary = run_training(cfg, storage_config, "contrastive", faults=[
+        summary = run_training(cfg, storage, "contrastive", faults=[
             {"after_step": 4, "marker": str(failed), "action": "raise"},
             {"after_step": 8, "marker": str(uploading), "action": "before_upload"}])["contrastive"]
     finally:
@@ -219,20 +216,20 @@ def test_interrupted_run_resumes_and_survives_an_s3_outage_with_the_same_samples
     assert failed.exists() and uploading.exists() and frozen.get("probe"), "a fault did not happen"
     assert summary["resumed_from_step"] == 4 and summary["steps"] == main_run["steps"] > 8
     assert summary["data_digest"] == main_run["data_digest"]
-    ours = _samples(f"s3://{bucket}/resumed/contrastive/logs/samples.jsonl", storage_config)
+    ours = _samples(f"s3://{bucket}/resumed/contrastive/logs/samples.jsonl", storage)
     assert ours == trained["samples"]["contrastive"] and sorted(ours) == list(range(1, main_run["steps"] + 1))
     assert summary["checkpoint"].startswith(f"{bucket}/resumed/checkpoints/")
     assert summary["last_loss"] == pytest.approx(main_run["last_loss"], rel=1e-3)
-    records = st.list_files(f"s3://{bucket}/resumed/checkpoints", storage_config, ("upload-complete-rank0.json",))
+    records = storage.list_files(f"s3://{bucket}/resumed/checkpoints", ("upload-complete-rank0.json",))
     step8 = [p for p in records if "contrastive-step000008" in p]
-    record = json.loads(st.read_text(f"s3://{step8[0]}", storage_config)) if step8 else {}
+    record = json.loads(storage.read_text(f"s3://{step8[0]}")) if step8 else {}
     assert record.get("seconds", 0) >= frozen_s - 2, record  # the upload went through the outage (S3 client retries)
-    fs, _ = st.filesystem(f"s3://{bucket}/resumed/checkpoints", storage_config)
+    fs, _ = storage.filesystem(f"s3://{bucket}/resumed/checkpoints")
     for folder in {p.rsplit("/", 1)[0] for p in records}:
         verify_checkpoint(fs, folder, cfg.num_workers)  # complete, sizes as uploaded
 
 
-def test_checkpoint_upload_retries_then_fails_loudly_never_looking_complete(s3_server, s3_bucket, storage_config,
+def test_checkpoint_upload_retries_then_fails_loudly_never_looking_complete(s3_server, s3_bucket, storage,
                                                                             tmp_path):
     """A failed upload attempt is retried (here the destination heals after the first failure); an upload that
     runs out of attempts (S3 unreachable) fails loudly, and its folder never passes verification."""
@@ -266,7 +263,7 @@ def test_checkpoint_upload_retries_then_fails_loudly_never_looking_complete(s3_s
     with pytest.raises(CheckpointUploadError, match="failed after 2 attempts"):
         upload_checkpoint(str(tmp_path / "shard"), unreachable, f"{s3_bucket}/ckpt/step8", rank=0, attempts=2,
                           backoff_s=0.1)
-    fs, _ = st.filesystem(f"s3://{s3_bucket}", storage_config)
+    fs, _ = storage.filesystem(f"s3://{s3_bucket}")
     with pytest.raises(RuntimeError, match="incomplete: rank 0 never finished"):
         verify_checkpoint(fs, f"{s3_bucket}/ckpt/step8", 1)
 
@@ -276,13 +273,13 @@ def test_rerun_of_finished_stages_is_skipped(trained, capsys):
     assert capsys.readouterr().out.count("already done") == 3
 
 
-def test_changed_stage_retrains_it_and_every_later_stage(trained, storage_config, capsys):
+def test_changed_stage_retrains_it_and_every_later_stage(trained, storage, capsys):
     """Issue 10 item 6 (runs last: it replaces the shared run's equal and contrastive outputs)."""
     bucket, before = trained["bucket"], trained["summaries"]
     cfg = load_config(TINY, {"train.data": f"s3://{bucket}/reformulated", "train.base_model": f"s3://{bucket}/models/tiny",
                              "train.output": f"s3://{bucket}/train"}).train
     cfg = cfg.model_copy(update={"equal": cfg.equal.model_copy(update={"max_steps": 3})})
-    after = run_training(cfg, storage_config, "all")
+    after = run_training(cfg, storage, "all")
     out = capsys.readouterr().out
     assert "[warmup] already done" in out and "[equal] changed: config" in out and "[contrastive] changed: model" in out
     assert after["warmup"]["run_id"] == before["warmup"]["run_id"]
@@ -291,11 +288,11 @@ def test_changed_stage_retrains_it_and_every_later_stage(trained, storage_config
     assert after["contrastive"]["digest"]["model"] != before["contrastive"]["digest"]["model"]
     # the uninterrupted contrastive run replays exactly the samples of the killed-and-resubmitted job
     assert after["contrastive"]["resumed_from_step"] == 0
-    assert _samples(f"s3://{bucket}/train/contrastive/logs/samples.jsonl", storage_config) == trained["samples"][
+    assert _samples(f"s3://{bucket}/train/contrastive/logs/samples.jsonl", storage) == trained["samples"][
         "contrastive"]
 
 
-def test_length_grouped_example_steps_with_zero2_in_bench_mode(tiny_train, storage_config, ray_cluster):
+def test_length_grouped_example_steps_with_zero2_in_bench_mode(tiny_train, storage, ray_cluster):
     """The padded path (length-grouped rows x longest within the token budget) under ZeRO-2, local storage,
     with `global_batch_examples`: every step holds exactly 6 examples (an epoch's last one fewer), spread over
     a varying number of micro-batches per step. Bench mode (`save_checkpoints: false`): no checkpoint at all."""
@@ -305,10 +302,10 @@ def test_length_grouped_example_steps_with_zero2_in_bench_mode(tiny_train, stora
                                  "global_batch_examples": 6,
                                  "deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": 2}),
                                  "warmup": cfg.warmup.model_copy(update={"fraction": 1.0, "epochs": 3})})
-    s = run_training(cfg, storage_config, "warmup")["warmup"]
+    s = run_training(cfg, storage, "warmup")["warmup"]
     assert s["examples"] == 8 and s["rows_read"] == 8  # warm-up reads equal/ only
     assert s["steps"] == 3 * 2 and s["examples_per_step"] == {"min": 2, "max": 6}  # 8 = 6 + 2 per epoch
-    samples = _samples(str(Path(cfg.output) / "warmup" / "logs" / "samples.jsonl"), storage_config)
+    samples = _samples(str(Path(cfg.output) / "warmup" / "logs" / "samples.jsonl"), storage)
     assert [len(samples[i]) for i in sorted(samples)] == [6, 2] * 3
     assert s["last_loss"] < s["first_loss"] and s["padding_fraction"] > 0.01  # padded rows, unlike packing
     assert (Path(cfg.output) / "warmup" / "model" / "model.safetensors").is_file()
@@ -327,31 +324,31 @@ def tiny_train(tmp_path, tiny_model_dir):
     return cfg, data
 
 
-def test_missing_columns(tiny_train, storage_config):
+def test_missing_columns(tiny_train, storage):
     cfg, data = tiny_train
     rows = [{k: v for k, v in r.items() if k != "weak_answer"} for r in reformulated_rows(4, "equal")]
     pq.write_table(pa.Table.from_pylist(rows), data / "equal" / "part-000.parquet")
     with pytest.raises(ValueError, match=r"missing columns \['weak_answer'\]"):
-        run_training(cfg, storage_config)
+        run_training(cfg, storage)
 
 
-def test_missing_subset_folder(tiny_train, storage_config):
+def test_missing_subset_folder(tiny_train, storage):
     cfg, data = tiny_train
     shutil.rmtree(data / "equal")
     with pytest.raises(FileNotFoundError, match="equal"):
-        run_training(cfg, storage_config)
+        run_training(cfg, storage)
 
 
-def test_model_without_safetensors(tiny_train, tmp_path, storage_config):
+def test_model_without_safetensors(tiny_train, tmp_path, storage):
     cfg, _ = tiny_train
     model = tmp_path / "model"
     shutil.copytree(cfg.base_model, model)
     (model / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="no \\*.safetensors"):
-        run_training(cfg.model_copy(update={"base_model": str(model)}), storage_config)
+        run_training(cfg.model_copy(update={"base_model": str(model)}), storage)
 
 
-def test_tokenizer_without_eos(tiny_train, tmp_path, storage_config):
+def test_tokenizer_without_eos(tiny_train, tmp_path, storage):
     cfg, _ = tiny_train
     model = tmp_path / "model"
     shutil.copytree(cfg.base_model, model)
@@ -359,7 +356,7 @@ def test_tokenizer_without_eos(tiny_train, tmp_path, storage_config):
     conf["eos_token"] = None
     (model / "tokenizer_config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match="no EOS"):
-        run_training(cfg.model_copy(update={"base_model": str(model)}), storage_config)
+        run_training(cfg.model_copy(update={"base_model": str(model)}), storage)
 
 
 def test_unreachable_storage(tiny_train):
@@ -371,14 +368,14 @@ def test_unreachable_storage(tiny_train):
                      StorageConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1"))
 
 
-def test_empty_after_filtering(tiny_train, storage_config, ray_cluster):
+def test_empty_after_filtering(tiny_train, storage, ray_cluster):
     cfg, _ = tiny_train
     with pytest.raises(ValueError, match="no training examples left after filtering.*target_too_long"):
-        run_training(cfg.model_copy(update={"max_length": 8}), storage_config, "warmup")
+        run_training(cfg.model_copy(update={"max_length": 8}), storage, "warmup")
 
 
-def test_liger_requested_without_the_gpu_extra_is_refused_before_any_worker(tiny_train, storage_config):
+def test_liger_requested_without_the_gpu_extra_is_refused_before_any_worker(tiny_train, storage):
     cfg, _ = tiny_train
     cfg = cfg.model_copy(update={"use_gpu": True, "kernels": "liger"})
     with pytest.raises(RuntimeError, match=r"liger-kernel is not installed; install the \[gpu\] extra"):
-        run_training(cfg, storage_config)
+        run_training(cfg, storage)

@@ -8,7 +8,7 @@ import json
 import uuid
 
 from metaaligner import storage as st
-from metaaligner.config import StorageConfig
+from metaaligner.storage import Storage
 
 CANDIDATE_FIRST, GOLDEN_FIRST = "cg", "gc"
 FIELDS = ("id", "objective", "candidate", "order", "hash", "outcome", "choice", "attempts", "raw")
@@ -44,17 +44,17 @@ def key_of(record: dict) -> tuple[str, str, str, str]:
 class ResultCache:
     """Folder of JSONL shards under `<output>/_cache/<judge fingerprint>/`."""
 
-    def __init__(self, output: str, judge_identity: dict, storage: StorageConfig):
+    def __init__(self, output: str, judge_identity: dict, storage: Storage):
         self.fingerprint = digest(json.dumps(judge_identity, sort_keys=True))
         self.uri = st.join(output, "_cache", self.fingerprint)
         self.storage = storage
 
     def load(self) -> dict[tuple, dict]:
-        if not st.exists(self.uri, self.storage):
+        if not self.storage.exists(self.uri):
             return {}
         records: dict[tuple, dict] = {}
-        fs, _ = st.filesystem(self.uri, self.storage)
-        for path in st.list_files(self.uri, self.storage, (".jsonl",)):
+        fs, _ = self.storage.filesystem(self.uri)
+        for path in self.storage.list_files(self.uri, (".jsonl",)):
             with fs.open_input_stream(path) as f:
                 for line in f.read().decode("utf-8").splitlines():
                     try:
@@ -67,4 +67,4 @@ class ResultCache:
     def write_shard(self, records: list[dict]) -> None:
         """One new shard per judged batch (unique name; shards are never rewritten)."""
         lines = "".join(json.dumps({k: r[k] for k in FIELDS}, sort_keys=True) + "\n" for r in records)
-        st.write_text(st.join(self.uri, f"{uuid.uuid4().hex}.jsonl"), lines, self.storage)
+        self.storage.write_text(st.join(self.uri, f"{uuid.uuid4().hex}.jsonl"), lines)

@@ -8,7 +8,6 @@ from pydantic import Field, model_validator
 
 from metaaligner.section import Section
 
-
 OBJECTIVES_COLUMN = "objectives"  # optional per-row objectives (a list of names or "A; B")
 RATE_NAMES = ("win_rate", "win_tie_rate", "net_win_rate")
 

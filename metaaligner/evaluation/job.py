@@ -15,16 +15,17 @@ from collections import Counter
 import pyarrow as pa
 
 from metaaligner import storage as st
-from metaaligner.config import StorageConfig
-from metaaligner.data.bad_rows import check_bad_fraction
-from metaaligner.data.row_ids import content_id, unique_content_ids
+from metaaligner.data.contract import check_bad_fraction
+from metaaligner.data.ids import content_id, unique_content_ids
+from metaaligner.data.io.row_input import parse_rows, read_row_input
 from metaaligner.evaluation.cache import CANDIDATE_FIRST, ResultCache, digest, order_for, outcome_for
 from metaaligner.evaluation.config import OBJECTIVES_COLUMN, RATE_NAMES, EvaluateConfig, JudgeConfig
 from metaaligner.evaluation.judges import Comparison, JudgeUnavailable, build_judge, judgeable_objectives
 from metaaligner.evaluation.report import write_reports
 from metaaligner.evaluation.stats import copy_rate, normalized_edit_distance, summarize
-from metaaligner.objectives import Objective, load_objective_set
+from metaaligner.objectives import Objective, load_objective_set, parse_objective_specs
 from metaaligner.outputs import StagedOutput, check_separate
+from metaaligner.storage import Storage, StorageConfig
 
 TASK_SCHEMA = pa.schema([("id", pa.string()), ("objective", pa.string()), ("candidate", pa.string()),
                          ("order", pa.string()), ("hash", pa.string()), ("question", pa.string()),
@@ -46,11 +47,10 @@ class TooManyInvalid(RuntimeError):
 
 
 def _objective_list(value, defaults: list[str]) -> list[str]:
-    if value is None:
-        return list(defaults)
-    names = [n.strip() for n in value.split(";")] if isinstance(value, str) else [str(n).strip() for n in value]
-    names = list(dict.fromkeys(n for n in names if n))
-    return names or list(defaults)
+    """A row's objective names (data.objectives' one parser; {name, description} entries by their name), in order
+    without repeats; the defaults when the row names none. ValueError for a value that is not an objectives list."""
+    names = [spec if isinstance(spec, str) else str(spec.get("name", "")).strip() for spec in parse_objective_specs(value)]
+    return list(dict.fromkeys(n for n in names if n)) or list(defaults)
 
 
 def _row_error(row: dict, cfg: EvaluateConfig, objectives: list[str], known: set[str], judgeable) -> tuple[str, str]:
@@ -71,32 +71,25 @@ def _row_error(row: dict, cfg: EvaluateConfig, objectives: list[str], known: set
     return "", ""
 
 
-def _parse_lines(batch: pa.Table) -> list[dict]:
-    rows = []
-    for line in batch.column("text").to_pylist():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            row = {"_error": f"invalid JSON line: {e}", "_line": line}
-        rows.append(row if isinstance(row, dict) else {"_error": "a JSON line must hold an object", "_line": line})
-    return rows
-
-
 def _prepare(batch: pa.Table, cfg: EvaluateConfig, defaults: list[str], known: set[str], judgeable,
-             jsonl: bool, has_id: bool) -> pa.Table:
+             kind: str, has_id: bool) -> pa.Table:
     """Per row: the id (the id column, else a digest of the row), the texts, objectives resolved, a quarantine
     reason ('' when valid), per-candidate text hashes (None: that answer is missing) and the copy distance."""
-    rows = _parse_lines(batch) if jsonl else batch.to_pylist()
+    rows, unreadable = parse_rows(batch, kind)
+    rows += [{"_error": f"{q['reason']}: {q['detail']}", "_line": q["record"]} for q in unreadable]
     out = {name: [] for name in PREPARED_SCHEMA.names}
     index = {c: k for k, c in enumerate(cfg.candidates)}
     for row in rows:
         rid = row.get(cfg.id_column) if has_id else content_id(row)
         rid = None if rid is None or str(rid) == "" else str(rid)
-        objectives = _objective_list(row.get(OBJECTIVES_COLUMN), defaults)
+        try:
+            objectives, bad_objectives = _objective_list(row.get(OBJECTIVES_COLUMN), defaults), ""
+        except ValueError as e:
+            objectives, bad_objectives = [], str(e)
         if row.get("_error"):
             reason, error = "invalid_json", row["_error"]
+        elif bad_objectives:
+            reason, error = "invalid_objectives", bad_objectives
         elif rid is None:
             reason, error = "missing_id", f"missing id ({cfg.id_column!r})"
         else:
@@ -143,7 +136,7 @@ class JudgeWorker:
     """A Ray Data actor: judges a batch and caches its verdicts (also when it fails part-way). Comparisons the
     judge rejected (HTTP 400/413/422) are returned as invalid but never cached, so a resume asks again."""
 
-    def __init__(self, judge_cfg: JudgeConfig, descriptions: dict[str, str], output: str, storage: StorageConfig):
+    def __init__(self, judge_cfg: JudgeConfig, descriptions: dict[str, str], output: str, storage: Storage):
         self.judge = build_judge(judge_cfg)
         self.cache = ResultCache(output, judge_cfg.identity(), storage)
         self.objectives = {name: Objective(name, desc) for name, desc in descriptions.items()}
@@ -165,46 +158,6 @@ class JudgeWorker:
             if keep:
                 self.cache.write_shard(keep)
         return pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
-
-
-def _first_record(fs, path: str, limit: int = 16 << 20) -> dict:
-    """The first JSON object of a JSON Lines file, reading at most `limit` bytes."""
-    data = b""
-    with fs.open_input_stream(path) as f:
-        while len(data) < limit:
-            chunk = f.read(1 << 16)
-            data += chunk
-            lines = [ln for ln in data.split(b"\n")[:-1] if ln.strip()]
-            if lines or not chunk:
-                break
-    first = next((ln for ln in data.split(b"\n") if ln.strip()), b"")
-    try:
-        record = json.loads(first)
-    except ValueError:
-        record = None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: the first line is not a JSON object")
-    return record
-
-
-def _read(cfg: EvaluateConfig, storage: StorageConfig):
-    """(dataset, column names, kind): Parquet as columns; CSV with every column as text (quoted cells may span
-    lines); JSON Lines as a `text` column parsed in `_prepare` (bad lines are quarantined, and mixed types
-    cannot break Arrow's inference)."""
-    import ray.data
-
-    from metaaligner.data.readers import discover
-    from metaaligner.data.text_csv import read_text_csv
-
-    kind, files = discover(cfg.input, storage, ("parquet", "jsonl", "csv"))
-    fs, _ = st.filesystem(cfg.input, storage)
-    if kind == "parquet":
-        ds = ray.data.read_parquet(files, filesystem=fs)
-        return ds, set(ds.schema().names), kind
-    if kind == "csv":
-        ds = read_text_csv(files, fs)
-        return ds, set(ds.schema().names), kind
-    return ray.data.read_text(files, filesystem=fs), set(_first_record(fs, files[0])), kind
 
 
 _UNAVAILABLE = re.compile(r"JudgeUnavailable: (.+)")
@@ -240,7 +193,7 @@ def _check_settings(cfg: EvaluateConfig) -> tuple:
     return objective_set, defaults, judgeable
 
 
-def run_evaluation(cfg: EvaluateConfig, storage: StorageConfig, log=print) -> dict:
+def run_evaluation(cfg: EvaluateConfig, storage: Storage | StorageConfig | None = None, log=print) -> dict:
     """Judge every (item, objective, candidate) against the golden answer and commit the results to `output`.
 
     Raises TooManyBadRows (nothing committed) when more than `max_bad_fraction` of the rows are quarantined, and
@@ -250,13 +203,15 @@ def run_evaluation(cfg: EvaluateConfig, storage: StorageConfig, log=print) -> di
     from ray.data import ActorPoolStrategy
 
     start = time.time()
+    storage = Storage.of(storage)
     objective_set, defaults, judgeable = _check_settings(cfg)
     known = set(objective_set.names)
     check_separate(cfg.input, cfg.output)
-    st.check_bucket(cfg.input, storage)
-    st.check_bucket(cfg.output, storage)
+    storage.check_bucket(cfg.input)
+    storage.check_bucket(cfg.output)
 
-    ds, columns, kind = _read(cfg, storage)
+    rows = read_row_input(cfg.input, storage)
+    ds, columns, kind = rows.dataset, rows.columns, rows.kind
     missing_columns = [c for c in (cfg.question_column, cfg.golden, *cfg.candidates) if c not in columns]
     if missing_columns:
         raise ValueError(f"{cfg.input}: missing column(s) {missing_columns} (have {sorted(columns)}); set "
@@ -264,7 +219,7 @@ def run_evaluation(cfg: EvaluateConfig, storage: StorageConfig, log=print) -> di
     has_id = cfg.id_column in columns
     prepared = ds.map_batches(
         _prepare, batch_format="pyarrow",
-        fn_kwargs=dict(cfg=cfg, defaults=defaults, known=known, judgeable=judgeable, jsonl=kind == "jsonl",
+        fn_kwargs=dict(cfg=cfg, defaults=defaults, known=known, judgeable=judgeable, kind=kind,
                        has_id=has_id),
     ).materialize()
     renumbered = 0

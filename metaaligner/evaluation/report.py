@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import io
 
+from metaaligner.evaluation.stats import RATES
+
 FIGSIZE, DPI = (8.0, 4.5), 100  # every plot is 800 x 450 pixels
-
-
-RATE_LABELS = {
-    "win_rate": "Win rate = wins / judged (the paper's Algorithm 2: a tie is not a win)",
-    "win_tie_rate": "Win+tie rate = (wins + ties) / judged (the authors' released scoring scripts)",
-    "net_win_rate": "Net win rate = (wins − losses) / judged (Aligner's)",
-}
-SHORT = {"win_rate": "win rate", "win_tie_rate": "win+tie rate", "net_win_rate": "net win rate"}
 
 
 def _pct(x) -> str:
@@ -30,7 +24,7 @@ def _rate_table(report: dict, name: str) -> list[str]:
     header = ["Objective", *cands]
     if improvement:
         header.append(f"+ {improvement['treatment']} − {improvement['baseline']} (pts, paired)")
-    lines = [f"## {RATE_LABELS[name]}, %", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"## {RATES[name].label}, %", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for obj in objectives:
         row = report["per_objective"][obj]
         cells = [obj] + [_pct(row[c][name]) + _ci(row[c][f"{name}_ci"]) for c in cands]
@@ -61,7 +55,7 @@ def markdown(report: dict) -> str:
         "a non-loss). An item without a candidate's answer is left out of that candidate's rates (*missing*); the "
         "\"+\" columns compare the two candidates on the items judged for both (*paired n* below).", "",
     ]
-    for name in RATE_LABELS:
+    for name in RATES:
         lines += _rate_table(report, name)
     header = ["Objective"] + [f"{c} W/T/L/invalid/missing" for c in cands] + (["paired n"] if improvement else [])
     lines += ["## Counts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -82,7 +76,7 @@ def markdown(report: dict) -> str:
     zs = report.get("zero_shot")
     if zs:
         name = report["plot_rate"]
-        lines += [f"Zero-shot: {SHORT[name]} (%) per objective as objectives are added one by one:", "",
+        lines += [f"Zero-shot: {RATES[name].short} (%) per objective as objectives are added one by one:", "",
                   "| Objective | " + " | ".join(zs["labels"]) + " |", "|" + "---|" * (len(zs["labels"]) + 1)]
         lines += [f"| {o} | " + " | ".join(_pct(v) for v in vals) + " |" for o, vals in zs[name].items()]
         lines.append("")
@@ -128,8 +122,8 @@ def bars_png(report: dict, candidates: list[str]) -> bytes:
         ax.bar(x + (i - (len(candidates) - 1) / 2) * width, rates, width, yerr=err, capsize=3, label=cand)
     ax.set_xticks(x, objectives, rotation=20, ha="right")
     _ylim(ax, name)
-    ax.set_ylabel(f"{SHORT[name]} vs golden (%)")
-    ax.set_title(RATE_LABELS[name])
+    ax.set_ylabel(f"{RATES[name].short} vs golden (%)")
+    ax.set_title(RATES[name].label)
     ax.legend()
     return _png(plt, fig)
 
@@ -144,8 +138,8 @@ def zero_shot_png(report: dict) -> bytes:
         ax.plot(stages, [None if v is None else 100 * v for v in values], marker="o", label=obj)
     ax.set_xticks(list(stages), zs["labels"], rotation=20, ha="right")
     _ylim(ax, name)
-    ax.set_ylabel(f"{SHORT[name]} vs golden (%)")
-    ax.set_title(f"Zero-shot: {SHORT[name]} as objectives are added one by one")
+    ax.set_ylabel(f"{RATES[name].short} vs golden (%)")
+    ax.set_title(f"Zero-shot: {RATES[name].short} as objectives are added one by one")
     ax.legend(fontsize="small", ncol=2)
     return _png(plt, fig)
 

@@ -13,13 +13,30 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
+from metaaligner.evaluation.config import RATE_NAMES
+
 OUTCOMES = ("win", "tie", "loss", "invalid")
 CODE = {"win": 1, "tie": 0, "loss": -1, "invalid": -2}
-RATES = {
-    "win_rate": "wins / judged (the paper's Algorithm 2: a tie is not a win)",
-    "win_tie_rate": "(wins + ties) / judged (the authors' released scoring scripts)",
-    "net_win_rate": "(wins − losses) / judged (Aligner's)",
-}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One win rate's names and what it counts, for results.json, the Markdown tables and the plots."""
+
+    title: str
+    short: str
+    meaning: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.title} = {self.meaning}"
+
+
+RATES = dict(zip(RATE_NAMES, (
+    Rate("Win rate", "win rate", "wins / judged (the paper's Algorithm 2: a tie is not a win)"),
+    Rate("Win+tie rate", "win+tie rate", "(wins + ties) / judged (the authors' released scoring scripts)"),
+    Rate("Net win rate", "net win rate", "(wins − losses) / judged (Aligner's)"),
+)))
 _BOOTSTRAP_CHUNK = 2_000_000  # resampled values held in memory at once
 
 
@@ -169,7 +186,7 @@ def summarize(
     for cand in candidates:
         rows = [per_objective[o][cand] for o in objectives if per_objective[o][cand]["judged"]]
         average[cand] = {**{name: _mean([r[name] for r in rows]) for name in RATES}, "objectives": len(rows)}
-    result = {"rates": dict(RATES), "per_objective": per_objective, "average": average}
+    result = {"rates": {name: rate.meaning for name, rate in RATES.items()}, "per_objective": per_objective, "average": average}
     if baseline and treatment and baseline != treatment:
         result["improvement"] = _improvement(outcomes, objectives, baseline, treatment, samples, seed)
     return result

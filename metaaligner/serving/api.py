@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
+from metaaligner.objectives import parse_objective_specs
 from metaaligner.prompts import PROFILES
 
 Template = Literal[PROFILES]  # type: ignore[valid-type]
@@ -25,6 +26,14 @@ class ObjectiveText(_Model):
 ObjectiveSpec = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | ObjectiveText
 
 
+def _objective_text(value):
+    """Objectives given as one string ("A; B" or a JSON list) go through the one parser; lists pass as they are."""
+    return parse_objective_specs(value) if isinstance(value, str) else value
+
+
+Objectives = Annotated[list[ObjectiveSpec], BeforeValidator(_objective_text)]
+
+
 class GenerationOptions(_Model):
     """Per-request generation settings; the configured max_new_tokens_limit also applies."""
 
@@ -36,7 +45,8 @@ class GenerationOptions(_Model):
 class CorrectRequest(_Model):
     question: str = Field(min_length=1)
     answer: str = Field(min_length=1, description="the weak answer to correct")
-    objectives: list[ObjectiveSpec] = Field(min_length=1, description="names from the served set or {name, description}")
+    objectives: Objectives = Field(min_length=1, description="names from the served set or {name, description}, "
+                                                            "or one string \"A; B\"")
     template: Template | None = None
     condition: Literal["better", "equal"] | None = None
     generation: GenerationOptions | None = None
@@ -68,7 +78,7 @@ class BatchResponse(_Model):
 
 class AlignRequest(_Model):
     question: str = Field(min_length=1)
-    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    objectives: Objectives = Field(min_length=1)
     template: Template | None = None
     generation: GenerationOptions | None = None
 

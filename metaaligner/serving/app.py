@@ -11,21 +11,27 @@ import time
 import uuid
 from pathlib import Path
 
+import ray
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from metaaligner.config import StorageConfig, load_config
+from metaaligner.config import load_config
 from metaaligner.prompts import PROFILES
 from metaaligner.serving import api, openai_api
 from metaaligner.serving.config import CorrectorConfig, GenerationConfig, ServeConfig
-from metaaligner.serving.corrector import CorrectionInputError, GenerationParams, Prompter
-from metaaligner.serving.engines import EngineOverloaded, is_out_of_memory
+from metaaligner.serving.corrector import Prompter
+from metaaligner.serving.engines.contract import (
+    CorrectionInputError,
+    EngineOverloaded,
+    GenerationParams,
+    is_out_of_memory,
+)
 from metaaligner.serving.policy import OpenAIPolicy, PolicyError
+from metaaligner.storage import Storage, StorageConfig
 
 log = logging.getLogger("ray.serve")
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -55,7 +61,7 @@ def resolve_token(config: ServeConfig) -> str | None:
 class ModelServer:
     """One model replica: an engine (continuous batching by default) serves batch and stream requests."""
 
-    def __init__(self, model: CorrectorConfig, storage: StorageConfig, max_batch_size: int, batch_wait_timeout_s: float,
+    def __init__(self, model: CorrectorConfig, storage: Storage, max_batch_size: int, batch_wait_timeout_s: float,
                  system_prompt: str | None = None, max_running_requests: int | None = None,
                  health_check_timeout_s: float = 30.0):
         from metaaligner.serving.engines import create_engine
@@ -444,11 +450,11 @@ class Ingress:
         return {"status": "ok"}
 
 
-def build(config: ServeConfig, storage: StorageConfig | None = None):
+def build(config: ServeConfig, storage: Storage | StorageConfig | None = None):
     """The Serve application (Ingress -> Model [-> policy Model]) with the deployment options from the config.
     Fails closed: with serve.auth: token and no token in the named variable, raises AuthConfigError."""
     token = resolve_token(config)
-    storage = storage or StorageConfig()
+    storage = Storage.of(storage)
     a = config.autoscaling
     corrector = ModelServer.options(
         name="Corrector",
@@ -495,7 +501,7 @@ def build_app(args: dict):
     return build(cfg.serve, cfg.storage)
 
 
-def serve_forever(config: ServeConfig, storage: StorageConfig | None = None) -> None:
+def serve_forever(config: ServeConfig, storage: Storage | StorageConfig | None = None) -> None:
     """Start Serve on config.host:port (local Ray, or RAY_ADDRESS) and block until Ctrl-C or SIGTERM."""
     import signal
 

@@ -1,8 +1,9 @@
 """Offline batch correction on Ray Data: an actor pool of Correctors over Parquet/JSONL/CSV, writing Parquet.
 
 Every input column is kept; `correction` and its status columns are added (`OUTPUT_COLUMNS`). A row that cannot
-be corrected gets `error` and stays in the output; a prompt over the model's limit follows `on_too_long` and is
-flagged `too_long`. One row never fails the job; more than `max_bad_fraction` rows in error do, before commit.
+be corrected gets `error` and stays in the output; a JSON line that cannot be read is quarantined (`_quarantine/`,
+data.io.row_input); a prompt over the model's limit follows `on_too_long` and is flagged `too_long`. One row never
+fails the job; more than `max_bad_fraction` rows in error or quarantined do, before commit.
 The output is committed atomically (metaaligner.outputs): a failed run leaves the previous output as it was.
 """
 
@@ -15,15 +16,20 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from metaaligner import storage as st
-from metaaligner.config import StorageConfig
-from metaaligner.data.bad_rows import check_bad_fraction
-from metaaligner.data.row_ids import add_content_ids, unique_content_ids
-from metaaligner.outputs import StagedOutput, check_separate
+from metaaligner.data.contract import check_bad_fraction
+from metaaligner.data.ids import add_content_ids, content_digest, unique_content_ids
+from metaaligner.data.io.row_input import parse_rows, read_row_input, rows_table
+from metaaligner.objectives import parse_objective_specs
+from metaaligner.outputs import StagedOutput, check_separate, open_output_stream
+from metaaligner.prompts import truncate_weak_answer
 from metaaligner.serving.config import CorrectConfig
-from metaaligner.serving.corrector import CorrectionInputError, GenerationParams, InputTooLong, Prompter
+from metaaligner.serving.corrector import Prompter
+from metaaligner.serving.engines.contract import CorrectionInputError, GenerationParams, InputTooLong
+from metaaligner.storage import Storage, StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +37,8 @@ OUTPUT_COLUMNS = {"correction": pa.string(), "objectives_used": pa.list_(pa.stri
                   "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(), "finish_reason": pa.string(),
                   "too_long": pa.bool_(), "error": pa.string()}
 OBJECTIVES_COLUMN, TEMPLATE_COLUMN = "objectives", "template"  # optional per-row settings
+QUARANTINE = "_quarantine"  # rows that could not be read (one JSON record per line), committed with the output
 KEPT_ORIGINAL = "too_long"  # finish_reason of a row whose correction is its untouched answer (on_too_long=original)
-
-
-def _row_objectives(value, default: list) -> list:
-    """Per-row objectives: a list of names / {name, description}, a JSON list string, or empty -> the default."""
-    if value is None or (hasattr(value, "__len__") and len(value) == 0):
-        return default
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else [value]
-    return list(value)
 
 
 def input_limit(encoder, max_new_tokens: int) -> int:
@@ -49,23 +47,10 @@ def input_limit(encoder, max_new_tokens: int) -> int:
     return limit if encoder.max_input_tokens is None else min(limit, encoder.max_input_tokens)
 
 
-def truncate_answer(tokenizer, prompt: str, answer: str, limit: int) -> list[int] | None:
-    """Prompt ids with the answer's tail cut so that they fit `limit`, the objectives, question and the rest of
-    the template kept whole (training's truncation policy); None when even an empty answer does not fit."""
-    cut = prompt.rfind(answer) if answer else -1
-    if cut < 0:
-        return None
-    head = tokenizer(prompt[:cut])["input_ids"]
-    body = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    tail = tokenizer(prompt[cut + len(answer):], add_special_tokens=False)["input_ids"]
-    budget = limit - len(head) - len(tail)
-    return None if budget < 0 else head + body[:budget] + tail
-
-
 class CorrectorActor:
     """One Corrector per actor; each batch is one generate call. Bad rows get `error`, not dropped."""
 
-    def __init__(self, config: CorrectConfig, storage: StorageConfig):
+    def __init__(self, config: CorrectConfig, storage: Storage):
         from metaaligner.serving.corrector import Corrector
 
         self.config = config
@@ -83,8 +68,8 @@ class CorrectorActor:
                 return None, True
             if self.config.on_too_long == "truncate":
                 encoder = self.corrector.engine.encoder
-                ids = truncate_answer(encoder.tokenizer, prompt, answer,
-                                      input_limit(encoder, self.params.max_new_tokens))
+                ids = truncate_weak_answer(encoder.tokenizer, prompt, answer,
+                                           input_limit(encoder, self.params.max_new_tokens))
                 if ids is not None:
                     return ids, True
                 raise InputTooLong(f"{e}; it does not fit even with the whole answer cut") from e
@@ -106,7 +91,8 @@ class CorrectorActor:
                 if not isinstance(q, str) or not q or not isinstance(a, str):
                     raise CorrectionInputError(f"{cfg.question_column!r} must be a non-empty string and "
                                                f"{cfg.answer_column!r} a string")
-                p = self.corrector.prompter.build(q, a, _row_objectives(objectives[i], self.default), templates[i])
+                specs = parse_objective_specs(objectives[i]) or self.default
+                p = self.corrector.prompter.build(q, a, specs, templates[i])
                 cols["objectives_used"][i], cols["template_used"][i] = p.objectives, p.template
                 row_ids, cols["too_long"][i] = self._encode(p.prompt, a)
                 if row_ids is None:
@@ -126,39 +112,49 @@ class CorrectorActor:
         return batch
 
 
-def _read(cfg: CorrectConfig, storage: StorageConfig):
-    """(dataset, files, kind); CSV with every column as text (quoted cells may span lines)."""
-    import ray
-
-    from metaaligner.data.readers import discover
-    from metaaligner.data.text_csv import read_text_csv
-
-    kind, files = discover(cfg.input, storage, ("parquet", "jsonl", "csv"))
-    fs, _ = st.filesystem(cfg.input, storage)
-    if kind == "parquet":
-        ds = ray.data.read_parquet(files, filesystem=fs)
-    elif kind == "csv":
-        ds = read_text_csv(files, fs)
-    else:
-        ds = ray.data.read_json(files, filesystem=fs)
-    names = ds.schema().names
-    missing = [c for c in (cfg.question_column, cfg.answer_column) if c not in names]
+def _check_columns(cfg: CorrectConfig, columns: set[str]) -> None:
+    missing = [c for c in (cfg.question_column, cfg.answer_column) if c not in columns]
     if missing:
-        raise ValueError(f"{cfg.input}: missing columns {missing} (have {names}); set correct.question_column / "
-                         "answer_column to the input's column names")
-    taken = [c for c in OUTPUT_COLUMNS if c in names]
+        raise ValueError(f"{cfg.input}: missing columns {missing} (have {sorted(columns)}); set "
+                         "correct.question_column / answer_column to the input's column names")
+    taken = [c for c in OUTPUT_COLUMNS if c in columns]
     if taken:
         raise ValueError(f"{cfg.input}: input columns {taken} collide with the columns correction adds "
                          f"({list(OUTPUT_COLUMNS)}); rename them")
-    return ds, len(files), kind, cfg.id_column in names
 
 
-def _summarize(cfg: CorrectConfig, table: pa.Table, n_files: int, kind: str, renumbered: int, wall: float) -> dict:
+def _decoded_lines(batch: pa.Table, quarantine_uri: str, storage: Storage) -> pa.Table:
+    """Ray Data batch function for JSON lines: the rows that decode; the others are written as quarantine records
+    to a shard named by their content (a retried task rewrites the same shard)."""
+    rows, quarantined = parse_rows(batch, "jsonl")
+    if quarantined:
+        text = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined)
+        shard = st.join(quarantine_uri, f"part-{content_digest(text)}.jsonl")
+        with open_output_stream(shard, storage) as f:
+            f.write(text.encode("utf-8"))
+    return rows_table(rows)
+
+
+def _quarantined(out: StagedOutput) -> list[dict]:
+    """The quarantine records this run's tasks wrote (one JSON object per line)."""
+    fs, root = out.filesystem()
+    info = fs.get_file_info(pafs.FileSelector(f"{root}/{QUARANTINE}", allow_not_found=True))
+    records = []
+    for f in sorted(i.path for i in info if i.type == pafs.FileType.File):
+        with fs.open_input_stream(f) as stream:
+            records += [json.loads(line) for line in stream.read().decode("utf-8").splitlines() if line]
+    return records
+
+
+def _summarize(cfg: CorrectConfig, table: pa.Table, quarantined: list[dict], n_files: int, kind: str, renumbered: int,
+               wall: float) -> dict:
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     completion = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
     kept = int(pc.sum(pc.equal(table.column("finish_reason"), KEPT_ORIGINAL)).as_py() or 0)
     return {
         "input": cfg.input, "output": cfg.output, "model": cfg.model, "input_files": n_files, "input_format": kind,
+        "rows_read": table.num_rows + len(quarantined), "quarantined": len(quarantined),
+        "quarantined_by_reason": dict(Counter(q["reason"] for q in quarantined)),
         "rows": table.num_rows, "corrected": table.num_rows - len(errors) - kept, "errors": len(errors),
         "errors_by_reason": dict(Counter(e.split(":", 1)[0] for e in errors)),
         "too_long": int(pc.sum(table.column("too_long")).as_py() or 0), "kept_original": kept,
@@ -171,42 +167,51 @@ def _summarize(cfg: CorrectConfig, table: pa.Table, n_files: int, kind: str, ren
     }
 
 
-def _check_errors(cfg: CorrectConfig, table: pa.Table) -> None:
+def _check_errors(cfg: CorrectConfig, table: pa.Table, quarantined: list[dict]) -> None:
     reasons, examples = Counter(), {}
+    for q in quarantined:
+        reasons[q["reason"]] += 1
+        examples.setdefault(q["reason"], f"{q['source']}: {q['detail']}")
     for rid, error in zip(table.column(cfg.id_column).to_pylist(), table.column("error").to_pylist()):
         if error is not None:
             reason = error.split(":", 1)[0]
             reasons[reason] += 1
             examples.setdefault(reason, f"id {rid}: {error[:300]}")
-    check_bad_fraction("correct", reasons, examples, table.num_rows, cfg.max_bad_fraction,
+    check_bad_fraction("correct", reasons, examples, table.num_rows + len(quarantined), cfg.max_bad_fraction,
                        f"check that correct.question_column={cfg.question_column!r} and "
                        f"answer_column={cfg.answer_column!r} name the input's columns, that row objectives belong "
                        f"to the set {cfg.objectives!r}, and on_too_long={cfg.on_too_long!r}")
 
 
-def run_correction(cfg: CorrectConfig, storage: StorageConfig) -> dict:
+def run_correction(cfg: CorrectConfig, storage: Storage | StorageConfig | None = None) -> dict:
     """Correct every row of the input; commits Parquet + `_summary.json` to cfg.output and returns the summary."""
     started = time.perf_counter()
+    storage = Storage.of(storage)
     prompter = Prompter(cfg)  # fail fast on settings (objective set, default objectives) before any worker starts
     if cfg.default_objectives:
         prompter.objectives(cfg.default_objectives)
     GenerationParams.resolve(None, cfg.generation)
     check_separate(cfg.input, cfg.output)
     for uri in (cfg.input, cfg.output):
-        st.check_bucket(uri, storage)
+        storage.check_bucket(uri)
     if not st.is_s3(cfg.model):
         from metaaligner.modeling import check_model_folder
 
         check_model_folder(cfg.model)
-    ds, n_files, kind, has_id = _read(cfg, storage)
-    renumbered = 0
-    if not has_id:
-        ds = ds.map_batches(add_content_ids, batch_format="pyarrow", fn_kwargs={"column": cfg.id_column})
-        ds, renumbered = unique_content_ids(ds.materialize(), cfg.id_column)
+    rows = read_row_input(cfg.input, storage)
+    _check_columns(cfg, rows.columns)
     out = StagedOutput(cfg.output, job="correct", storage=storage)
-    log.info("correcting %s (%d %s files) with %s -> %s (staging %s)", cfg.input, n_files, kind, cfg.model,
-             cfg.output, out.staging_uri)
+    log.info("correcting %s (%d %s files) with %s -> %s (staging %s)", cfg.input, len(rows.files), rows.kind,
+             cfg.model, cfg.output, out.staging_uri)
     try:
+        ds = rows.dataset
+        if rows.kind == "jsonl":
+            ds = ds.map_batches(_decoded_lines, batch_format="pyarrow",
+                                fn_kwargs={"quarantine_uri": out.path(QUARANTINE), "storage": storage})
+        renumbered = 0
+        if cfg.id_column not in rows.columns:
+            ds = ds.map_batches(add_content_ids, batch_format="pyarrow", fn_kwargs={"column": cfg.id_column})
+            ds, renumbered = unique_content_ids(ds.materialize(), cfg.id_column)
         ds = ds.map_batches(CorrectorActor, fn_constructor_kwargs={"config": cfg, "storage": storage},
                             batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.concurrency,
                             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
@@ -214,9 +219,11 @@ def run_correction(cfg: CorrectConfig, storage: StorageConfig) -> dict:
         ds.write_parquet(root, filesystem=fs)
         table = pq.read_table(root, filesystem=fs, columns=[cfg.id_column, "error", "completion_tokens",
                                                              "prompt_tokens", "finish_reason", "too_long"])
-        _check_errors(cfg, table)
+        quarantined = _quarantined(out)
+        _check_errors(cfg, table, quarantined)
     except Exception as e:
         raise out.fail(e) from e
-    summary = _summarize(cfg, table, n_files, kind, renumbered, time.perf_counter() - started)
+    summary = _summarize(cfg, table, quarantined, len(rows.files), rows.kind, renumbered,
+                         time.perf_counter() - started)
     out.commit(summary)
     return summary

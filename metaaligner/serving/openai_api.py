@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from metaaligner.serving.api import ObjectiveSpec, Template
+from metaaligner.serving.api import Objectives, Template
 
 
 class OpenAIError(Exception):
@@ -84,7 +84,7 @@ class ChatCompletionRequest(_Strict):
     n: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    objectives: list[ObjectiveSpec] | None = Field(None, description="extension: names or {name, description}")
+    objectives: Objectives | None = Field(None, description="extension: names or {name, description}, or \"A; B\"")
     template: Template | None = Field(None, description="extension: the corrector's prompt profile")
     user: str | None = None
     # accepted only to refuse them with a clear 400

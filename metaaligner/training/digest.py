@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from metaaligner import storage as st
-from metaaligner.config import StorageConfig
+from metaaligner.storage import Storage
 from metaaligner.modeling import list_model_files
 from metaaligner.outputs import read_manifest
 from metaaligner.training.config import STAGES, TrainConfig
@@ -30,17 +29,17 @@ def config_digest(cfg: TrainConfig, stage: str) -> str:
     return _hash({"stage": stage, "train": settings, "stage_settings": cfg.stage(stage).model_dump(mode="json")})
 
 
-def data_digest(files: list[str], data_uri: str, storage: StorageConfig) -> str:
+def data_digest(files: list[str], data_uri: str, storage: Storage) -> str:
     """The committed run of a reformulation output (its manifest's run id) plus the files read and their sizes;
     for raw folders the modification times too."""
-    fs, _ = st.filesystem(data_uri, storage)
+    fs, _ = storage.filesystem(data_uri)
     manifest = read_manifest(data_uri, storage)
     infos = fs.get_file_info(files)
     entries = [(i.path, i.size) if manifest else (i.path, i.size, i.mtime_ns) for i in infos]
     return _hash({"run_id": manifest and manifest.get("run_id"), "files": entries})
 
 
-def model_digest(model_uri: str, storage: StorageConfig) -> str:
+def model_digest(model_uri: str, storage: Storage) -> str:
     """A stage export: the run id of the committed stage folder; any other model folder: its files' sizes and
     modification times."""
     files = list_model_files(model_uri, storage)
@@ -51,7 +50,7 @@ def model_digest(model_uri: str, storage: StorageConfig) -> str:
     return _hash(sorted((name, size, mtime) for name, (size, mtime) in files.items()))
 
 
-def stage_digest(cfg: TrainConfig, stage: str, files: list[str], model_uri: str, storage: StorageConfig) -> dict:
+def stage_digest(cfg: TrainConfig, stage: str, files: list[str], model_uri: str, storage: Storage) -> dict:
     parts = {"config": config_digest(cfg, stage), "data": data_digest(files, cfg.data, storage),
              "model": model_digest(model_uri, storage)}
     return {**parts, "stage": _hash(parts)}

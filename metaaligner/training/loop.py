@@ -169,7 +169,7 @@ def train_func(cfg: dict) -> None:
     import torch.distributed as dist
 
     from metaaligner import storage as st
-    from metaaligner.config import StorageConfig
+    from metaaligner.storage import Storage, StorageConfig
     from metaaligner.modeling import local_model_dir
     from metaaligner.training.checkpoints import upload_checkpoint, verify_checkpoint
     from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder
@@ -182,7 +182,7 @@ def train_func(cfg: dict) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
-    storage = StorageConfig(**cfg["storage"])
+    storage = Storage(StorageConfig(**cfg["storage"]))
     prepare_backend(cfg["attn_implementation"], use_gpu)
     model_dir = local_model_dir(cfg["model_uri"], storage)
     engine, _hf_ds, fused, kernels, kernels_reason = _build_engine(
@@ -310,7 +310,7 @@ def train_func(cfg: dict) -> None:
             local = cfg["export_uri"] if not st.is_s3(cfg["export_uri"]) else tmp
             save_hf_folder(local, state, engine.module.model.config, model_dir, dtype)
             if st.is_s3(cfg["export_uri"]):
-                st.copy_dir(tmp, cfg["export_uri"], storage)
-        st.copy_dir(str(log_dir), cfg["logs_uri"], storage)
+                storage.copy_dir(tmp, cfg["export_uri"])
+        storage.copy_dir(str(log_dir), cfg["logs_uri"])
         print(f"[{stage}] exported {cfg['export_uri']}", flush=True)
     dist.barrier()

@@ -20,6 +20,8 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from metaaligner.prompts import truncate_weak_answer
+
 REQUIRED_COLUMNS = ("id", "subset", "prompt", "weak_answer", "target")
 STATUSES = ("ok", "truncated", "target_too_long", "prompt_too_long", "empty_field", "not_sampled")
 DROPPED = ("target_too_long", "prompt_too_long", "empty_field")
@@ -46,16 +48,9 @@ def tokenize_example(tokenizer, prompt: str, weak_answer: str, target: str, max_
     prompt_ids = tokenizer(prompt)["input_ids"]
     if len(prompt_ids) + len(target_ids) <= max_length:
         return prompt_ids + target_ids, len(prompt_ids), "ok"
-    cut = prompt.rfind(weak_answer) if weak_answer else -1
-    if cut < 0:
+    prompt_ids = truncate_weak_answer(tokenizer, prompt, weak_answer, max_length - len(target_ids))
+    if prompt_ids is None:
         return None, 0, "prompt_too_long"
-    head = tokenizer(prompt[:cut])["input_ids"]
-    answer = tokenizer(weak_answer, add_special_tokens=False)["input_ids"]
-    tail = tokenizer(prompt[cut + len(weak_answer):], add_special_tokens=False)["input_ids"]
-    budget = max_length - len(target_ids) - len(head) - len(tail)
-    if budget < 0:
-        return None, 0, "prompt_too_long"
-    prompt_ids = head + answer[:budget] + tail
     return prompt_ids + target_ids, len(prompt_ids), "truncated"
 
 

@@ -9,8 +9,8 @@ import time
 import pyarrow.parquet as pq
 
 from metaaligner import storage as st
-from metaaligner.config import StorageConfig
-from metaaligner.data.readers import discover
+from metaaligner.storage import Storage, StorageConfig
+from metaaligner.data.io.discovery import discover
 from metaaligner.modeling import list_model_files, load_tokenizer, local_model_dir
 from metaaligner.outputs import StagedOutput, read_manifest
 from metaaligner.training.config import STAGES, TrainConfig
@@ -35,7 +35,7 @@ def stage_input(cfg: TrainConfig, stage: str) -> str:
     return st.join(stage_dir(cfg, earlier[-1]), "model") if earlier else cfg.base_model
 
 
-def data_files(cfg: TrainConfig, storage: StorageConfig, stage: str) -> list[str]:
+def data_files(cfg: TrainConfig, storage: Storage, stage: str) -> list[str]:
     """The Parquet files of the stage's subsets (only committed files of a reformulation output; test splits are
     left out unless include_test_files)."""
     files = []
@@ -46,14 +46,14 @@ def data_files(cfg: TrainConfig, storage: StorageConfig, stage: str) -> list[str
     return files
 
 
-def preflight(cfg: TrainConfig, storage: StorageConfig, stages: list[str]) -> None:
+def preflight(cfg: TrainConfig, storage: Storage, stages: list[str]) -> None:
     """Clear errors before any worker starts: storage reachable, data columns, model folder, tokenizer."""
     for uri in (cfg.data, cfg.output, cfg.checkpoint_root, cfg.base_model):
-        st.check_bucket(uri, storage)
+        storage.check_bucket(uri)
     for uri in (cfg.output, cfg.checkpoint_root):
         if not st.is_s3(uri):
-            st.filesystem(uri, storage)[0].create_dir(st.filesystem(uri, storage)[1], recursive=True)
-    fs, _ = st.filesystem(cfg.data, storage)
+            storage.filesystem(uri)[0].create_dir(storage.filesystem(uri)[1], recursive=True)
+    fs, _ = storage.filesystem(cfg.data)
     for stage in stages:
         files = data_files(cfg, storage, stage)
         for path in {files[0], files[-1]}:
@@ -76,12 +76,12 @@ def preflight(cfg: TrainConfig, storage: StorageConfig, stages: list[str]) -> No
             raise RuntimeError(f"kernels: liger requested but {missing}; {INSTALL_HINT}")
 
 
-def _ray_storage(uri: str, storage: StorageConfig):
-    fs, path = st.filesystem(uri, storage)
+def _ray_storage(uri: str, storage: Storage):
+    fs, path = storage.filesystem(uri)
     return (path, fs) if st.is_s3(uri) else (path, None)
 
 
-def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict | None = None,
+def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: str, digest: dict | None = None,
               faults: list[dict] | None = None) -> dict:
     """Tokenise, plan and train one stage, then commit `<output>/<stage>/` (model/, logs/, `_summary.json`).
 
@@ -95,13 +95,14 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict
     from metaaligner.training.loop import train_func
 
     started = time.time()
+    storage = Storage.of(storage)
     scfg, ds = cfg.stage(stage), cfg.deepspeed
     model_uri = stage_input(cfg, stage)
     files = data_files(cfg, storage, stage)
     digest = digest or stage_digest(cfg, stage, files, model_uri, storage)
     meta_dir = local_model_dir(model_uri, storage, weights=False)
     tokenizer = load_tokenizer(meta_dir, cfg.trust_remote_code)
-    fs, _ = st.filesystem(cfg.data, storage)
+    fs, _ = storage.filesystem(cfg.data)
     data = tokenize_dataset(files, fs, tokenizer, cfg.max_length, scfg.fraction, stage == "warmup", cfg.seed)
     index = collect_index(data)
     if len(index["keys"]) == 0:
@@ -122,7 +123,7 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict
     out = StagedOutput(stage_dir(cfg, stage), job=f"train-{stage}", storage=storage)
     storage_path, storage_fs = _ray_storage(cfg.checkpoint_root, storage)
     loop_config = {
-        "stage": stage, "model_uri": model_uri, "storage": storage.model_dump(), "plan_ref": plan_ref,
+        "stage": stage, "model_uri": model_uri, "storage": storage.config.model_dump(), "plan_ref": plan_ref,
         "plan_digest": plan_digest, "ds_config": ds_config, "precision": ds.precision, "packing": cfg.packing,
         "activation_checkpointing": ds.activation_checkpointing, "attn_implementation": cfg.attention,
         "kernels": cfg.kernels, "compile": cfg.compile, "trust_remote_code": cfg.trust_remote_code,
@@ -156,7 +157,7 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict
         result = trainer.fit()
         if result.error:
             raise RuntimeError(f"stage {stage!r} failed: {result.error}")
-        records = [json.loads(ln) for ln in st.read_text(out.path("logs", "metrics.jsonl"), storage).splitlines() if ln]
+        records = [json.loads(ln) for ln in storage.read_text(out.path("logs", "metrics.jsonl")).splitlines() if ln]
     except Exception as e:
         raise out.fail(e) from e
     steady = records[1:] or records
@@ -188,20 +189,22 @@ def run_stage(cfg: TrainConfig, storage: StorageConfig, stage: str, digest: dict
     return {**summary, "run_id": out.run_id}
 
 
-def _committed_summary(cfg: TrainConfig, stage: str, storage: StorageConfig) -> dict | None:
+def _committed_summary(cfg: TrainConfig, stage: str, storage: Storage) -> dict | None:
     folder = stage_dir(cfg, stage)
     manifest = read_manifest(folder, storage)
     if manifest is None or manifest.get("job") != f"train-{stage}":
         return None
     summary_uri = st.join(folder, "_summary.json")
-    return st.read_json(summary_uri, storage) if st.exists(summary_uri, storage) else None
+    return storage.read_json(summary_uri) if storage.exists(summary_uri) else None
 
 
-def run_training(cfg: TrainConfig, storage: StorageConfig, stage: str = "all", faults: list[dict] | None = None) -> dict:
+def run_training(cfg: TrainConfig, storage: Storage | StorageConfig | None = None, stage: str = "all",
+                 faults: list[dict] | None = None) -> dict:
     """Run one stage, or all enabled stages in order. With `all`, a committed stage whose digest (settings, input
     data, input model) matches is kept; the first stage that differs trains again, and so does every later one."""
     import ray
 
+    storage = Storage.of(storage)
     if stage == "all":
         stages = [s for s in STAGES if cfg.stage(s).enabled]
     elif stage in STAGES:

@@ -19,8 +19,17 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from metaaligner.serving.config import HFEngineConfig
-from metaaligner.serving.corrector import Generation, GenerationParams, IncrementalDetokenizer, TextGenerator
-from metaaligner.serving.engines import Engine, EngineError, EngineOverloaded, claim, failure
+from metaaligner.serving.engines.contract import (
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    Generation,
+    GenerationParams,
+    IncrementalDetokenizer,
+    claim,
+    failure,
+)
+from metaaligner.serving.engines.hf_model import TextGenerator
 
 log = logging.getLogger(__name__)
 

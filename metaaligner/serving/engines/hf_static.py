@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
-from metaaligner.serving.corrector import Generation, GenerationParams, TextGenerator
-from metaaligner.serving.engines import Engine, claim, failure
+from metaaligner.serving.engines.contract import Engine, Generation, GenerationParams, claim, failure
+from metaaligner.serving.engines.hf_model import TextGenerator
 
 _DONE = object()
 

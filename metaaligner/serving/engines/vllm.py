@@ -13,8 +13,15 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from metaaligner.serving.config import CorrectorConfig
-from metaaligner.serving.corrector import Generation, GenerationParams, IncrementalDetokenizer, PromptEncoder
-from metaaligner.serving.engines import Engine, EngineError, failure
+from metaaligner.serving.engines.contract import (
+    Engine,
+    EngineError,
+    Generation,
+    GenerationParams,
+    IncrementalDetokenizer,
+    PromptEncoder,
+    failure,
+)
 
 
 def vllm_available() -> bool:
@@ -47,10 +54,10 @@ class VLLMEngine(Engine):
         except ImportError as e:
             raise EngineError("engine `vllm` needs vLLM (pip install 'ray[llm]==2.60.0' on a GPU machine); "
                               "use engine: hf") from e
-        from metaaligner.config import StorageConfig
+        from metaaligner.storage import Storage
         from metaaligner.modeling import check_model_folder, load_tokenizer, local_model_dir
 
-        folder = check_model_folder(local_model_dir(config.model, storage or StorageConfig(), cache_dir=config.cache_dir))
+        folder = check_model_folder(local_model_dir(config.model, Storage.of(storage), cache_dir=config.cache_dir))
         tokenizer = load_tokenizer(folder, trust_remote_code=config.trust_remote_code, padding_side="left")
         v = config.vllm
         args = AsyncEngineArgs(model=str(folder), tokenizer=str(folder), trust_remote_code=config.trust_remote_code,

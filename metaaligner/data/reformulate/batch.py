@@ -1,0 +1,109 @@
+"""The fast path: one batch of input rows -> items, evaluation rows and quarantine records, column-wise where it can.
+
+Rows that pass the column checks (column_checks) go through Algorithm 1 on Arrow columns (column_algorithm);
+every other row -- a check failed, a held-out question, a format without a column form (UltraFeedback,
+FastChat, JSON lines) -- goes through the per-row oracle (`oracle.Reformulator`) unchanged, so its
+quarantine reasons and counters are the per-row path's own. Rows named in `defer` are left out: the
+duplicate check (metaaligner.data.duplicates, then `resolve`) decides them after the main pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from metaaligner.data.contract import ITEM_SCHEMA, QUARANTINE_SCHEMA, SUBSETS, TEST_SCHEMA, TEST_SUBSET
+from metaaligner.data.io.columns import python_rows
+from metaaligner.data.reformulate.column_algorithm import VectorAlgorithm
+from metaaligner.data.reformulate.column_checks import CanonicalColumns
+from metaaligner.data.reformulate.holdout import HoldoutSplit
+from metaaligner.data.reformulate.oracle import BatchResult, Reformulator
+from metaaligner.data.reformulate.owners import AllOwners
+from metaaligner.objectives import ObjectiveSet
+from metaaligner.prompts import Template
+
+QUARANTINE = "_quarantine"
+SCHEMAS = {**{s: ITEM_SCHEMA for s in SUBSETS}, TEST_SUBSET: TEST_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA}
+
+
+@dataclass
+class BatchOutput:
+    tables: dict[str, list[pa.Table]] = field(default_factory=lambda: {k: [] for k in SCHEMAS})
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, dict] = field(default_factory=dict)  # first quarantine record per reason
+    vector_rows: int = 0  # rows that took the column path (for the summary and the benchmark)
+
+    def add_rows(self, result: BatchResult) -> None:
+        """Merge the per-row path's output."""
+        for kind, columns in result.items.items():
+            if columns["id"]:
+                self.tables[kind].append(pa.Table.from_pydict(columns, schema=SCHEMAS[kind]))
+        if result.quarantine:
+            self.tables[QUARANTINE].append(pa.Table.from_pylist(result.quarantine, schema=QUARANTINE_SCHEMA))
+        self.counts.update(result.counts)
+        for reason, example in result.examples.items():
+            self.examples.setdefault(reason, example)
+
+
+class VectorReformulator:
+    """Per batch: the column path for the rows it can prove valid, the per-row path for the rest."""
+
+    def __init__(self, fmt: str, objectives: ObjectiveSet, template: Template, seed: int,
+                 score_decimals: int | None, split: HoldoutSplit):
+        self._settings = (fmt, objectives, template, seed, score_decimals, split)
+        self.per_row = self.per_row_with(AllOwners())
+        self.columns = CanonicalColumns(fmt, objectives, score_decimals)
+        self.algorithm = VectorAlgorithm(objectives, template, seed)
+        self.split = split
+
+    def per_row_with(self, registry) -> Reformulator:
+        """The per-row path with its own duplicate-id registry (the resolve step's decided owners)."""
+        return Reformulator(*self._settings, registry)
+
+    def __call__(self, batch: pa.Table | list, source: str = "", defer: np.ndarray | None = None) -> BatchOutput:
+        """`batch`: an Arrow table (columnar input) or a list of raw rows (JSON lines); `defer`: row indices to
+        leave out (their ids occur more than once in the input)."""
+        out = BatchOutput()
+        n = batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+        active = np.ones(n, dtype=bool)
+        if defer is not None and len(defer):
+            active[defer] = False
+        vector = np.zeros(n, dtype=bool)
+        if isinstance(batch, pa.Table) and self.columns.supported and n:
+            mapped = self.columns(batch)
+            if mapped is not None:
+                pairs, ok = mapped
+                vector = ok & active
+                if self.split.fraction and vector.any():
+                    rows = np.nonzero(vector)[0]
+                    questions = pairs.question.take(pa.array(rows, pa.int64())).to_pylist()
+                    held = np.fromiter((self.split.held_out(q) for q in questions), dtype=bool, count=len(rows))
+                    vector[rows[held]] = False  # evaluation rows come from the format's own test_rows
+                if vector.all():
+                    self._columns(pairs, out)
+                elif vector.any():
+                    self._columns(pairs.take(np.nonzero(vector)[0]), out)
+        rest = np.nonzero(active & ~vector)[0]
+        if len(rest):
+            if isinstance(batch, pa.Table):
+                rows = python_rows(batch.take(pa.array(rest, pa.int64())))
+            else:
+                rows = [batch[i] for i in rest]
+            out.add_rows(self.per_row(rows, source, ""))
+        return out
+
+    def _columns(self, pairs, out: BatchOutput) -> None:
+        n = len(pairs.ids)
+        tables, per_objective = self.algorithm(pairs)
+        for subset, table in tables.items():
+            if table.num_rows:
+                out.tables[subset].append(table)
+            out.counts[f"items.{subset}"] += table.num_rows
+        for (subset, name), count in per_objective.items():
+            out.counts[f"objective.{subset}.{name}"] += count
+        for key in ("rows_read", "rows_adapted", "pairs_total", "valid_pairs", "training_pairs"):
+            out.counts[key] += n
+        out.vector_rows += n

@@ -1,0 +1,153 @@
+"""A Ray Data sink that reads, reformulates and writes in the same task (no extra copies of the data).
+
+Each block names sources by index (input files, or blocks of an in-memory dataset: no per-row path strings
+travel). A task reads its sources in Arrow batches, runs the column path with per-row fallback
+(batch), and writes `contrastive/`, `equal/`, `test/` and `_quarantine/` Parquet parts with large row
+groups (io.parquet_writer) into the run's staging folder. Rows the duplicate check defers go to a scratch file
+for the resolve step. On an error every file of the task is aborted, never closed half-written; the commit
+happens in the driver once every task has succeeded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from metaaligner.storage import Storage
+from metaaligner.data.io.parquet_writer import RowGroupWriter
+from metaaligner.data.io.sources import SOURCE_COLUMN, BadInputFile, Sources
+from metaaligner.data.reformulate.batch import SCHEMAS, BatchOutput, VectorReformulator
+from metaaligner.outputs import StagedOutput, open_output_stream
+
+SCRATCH_SOURCE, SCRATCH_ROW, SCRATCH_LINE = "__source", "__row", "__line"
+
+
+@dataclass
+class TaskResult:
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, dict] = field(default_factory=dict)  # first quarantine record per reason
+    bad_files: list[dict] = field(default_factory=list)
+    scratch: list[str] = field(default_factory=list)  # files of deferred rows
+    column_rows: int = 0  # rows that took the column path
+    nodes: set[str] = field(default_factory=set)  # Ray nodes that ran the tasks
+
+    def add(self, other: "TaskResult | BatchOutput") -> None:
+        """Sum the counters and keep the first example per reason (a batch's, or another task's result)."""
+        self.counts.update(other.counts)
+        for reason, example in other.examples.items():
+            self.examples.setdefault(reason, example)
+        if isinstance(other, BatchOutput):
+            self.column_rows += other.vector_rows
+            return
+        self.bad_files.extend(other.bad_files)
+        self.scratch.extend(other.scratch)
+        self.column_rows += other.column_rows
+        self.nodes |= other.nodes
+
+
+class PartFiles:
+    """This task's Parquet part per output folder (and its scratch file), opened on first use; completed
+    together or aborted together."""
+
+    def __init__(self, output: StagedOutput, name: str, storage: Storage):
+        self.output, self.name, self.storage = output, name, storage
+        self.stack = ExitStack()
+        self.writers: dict[str, RowGroupWriter] = {}
+
+    def write(self, kind: str, table: pa.Table) -> None:
+        if kind not in self.writers:
+            # run-unique names: committing never overwrites a file that the previous manifest still lists
+            stream = self.stack.enter_context(self.output.open(kind, f"part-{self.output.run_id}-{self.name}.parquet"))
+            self.writers[kind] = RowGroupWriter(stream, SCHEMAS[kind])
+        self.writers[kind].write(table)
+
+    def write_output(self, out: BatchOutput) -> None:
+        for kind, tables in out.tables.items():
+            for table in tables:
+                self.write(kind, table)
+
+    def write_scratch(self, uri: str, table: pa.Table) -> None:
+        """Deferred rows as read (their own schema), for the duplicate check's resolve step."""
+        if uri not in self.writers:
+            stream = self.stack.enter_context(open_output_stream(uri, self.storage))
+            self.writers[uri] = RowGroupWriter(stream, table.schema)
+        self.writers[uri].write(table)
+
+    def __enter__(self) -> "PartFiles":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        writers, self.writers = self.writers, {}
+        for writer in writers.values():
+            if exc is None:
+                writer.close()  # footers; the streams complete when the stack exits cleanly
+            else:
+                writer.drop()  # whatever it holds goes to a stream aborted below
+        return self.stack.__exit__(exc_type, exc, tb)
+
+
+def scratch_uri(scratch: str, source: int) -> str:
+    return f"{scratch.rstrip('/')}/rows-{source:06d}.parquet"
+
+
+def deferred_table(batch, rows: np.ndarray, source: int, first_row: int) -> pa.Table:
+    """The deferred rows of a batch as read, with their position."""
+    index = pa.array(rows, pa.int64())
+    if isinstance(batch, pa.Table):
+        table = batch.take(index)
+    else:
+        table = pa.table({SCRATCH_LINE: pa.array([batch[r] for r in rows], pa.binary())})
+    table = table.append_column(SCRATCH_SOURCE, pa.array(np.full(len(rows), source, dtype=np.int32)))
+    return table.append_column(SCRATCH_ROW, pa.array(rows.astype(np.int64) + first_row))
+
+
+class ReformulationSink(Datasink[TaskResult]):
+    def __init__(self, reformulator: VectorReformulator, output: StagedOutput, sources: Sources, batch_size: int,
+                 on_bad_file: str, storage: Storage, deferred: dict[int, np.ndarray] | None = None,
+                 scratch: str | None = None):
+        self.reformulator, self.output, self.sources = reformulator, output, sources
+        self.batch_size, self.on_bad_file, self.storage = batch_size, on_bad_file, storage
+        self.deferred, self.scratch = deferred or {}, scratch
+        self.result = TaskResult()
+
+    def write(self, blocks: Iterable, ctx) -> TaskResult:
+        result = TaskResult(nodes={ray.get_runtime_context().get_node_id()})
+        sources = [s for block in blocks for s in BlockAccessor.for_block(block).to_arrow().column(SOURCE_COLUMN)
+                   .to_pylist()]
+        with PartFiles(self.output, f"{ctx.task_idx:05d}", self.storage) as parts:
+            for source in sources:
+                self._source(source, parts, result)
+        return result
+
+    def _source(self, source: int, parts: PartFiles, result: TaskResult) -> None:
+        defer = self.deferred.get(source, np.zeros(0, dtype=np.int64))
+        name = self.sources.name(source)
+        try:
+            for first_row, batch in self.sources.batches(source, self.batch_size):
+                n = batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+                lo, hi = np.searchsorted(defer, [first_row, first_row + n])
+                rows = defer[lo:hi] - first_row
+                out = self.reformulator(batch, name, rows)
+                result.add(out)
+                parts.write_output(out)
+                if len(rows):
+                    uri = scratch_uri(self.scratch, source)
+                    parts.write_scratch(uri, deferred_table(batch, rows, source, first_row))
+                    if uri not in result.scratch:
+                        result.scratch.append(uri)
+        except BadInputFile as e:
+            if self.on_bad_file != "quarantine":
+                raise
+            result.bad_files.append(e.as_record())
+
+    def on_write_complete(self, write_result) -> None:
+        for r in write_result.write_returns:
+            self.result.add(r)
