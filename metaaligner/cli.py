@@ -102,11 +102,13 @@ def _evaluate(args) -> int:
     cfg, ev = _section(args, "evaluate", ("input", "output", "seed", "question_column", "id_column", "golden",
                                           "candidates", "max_invalid_fraction", "max_bad_fraction"),
                        "give --config with an evaluate section (or --input and --output)")
-    judge = {k: v for k, v in (("url", args.judge_url), ("model", args.judge_model), ("prompt", args.judge_prompt))
-             if v is not None}
+    judge = {k: v for k, v in (("url", args.judge_url), ("model", args.judge_model), ("prompt", args.judge_prompt),
+                               ("sampling", args.judge_sampling)) if v is not None}
     if judge:
-        ev = ev.model_copy(update={"judge": JudgeConfig.model_validate(
-            {**ev.judge.model_dump(exclude_unset=True), **judge})})
+        configured = ev.judge.model_dump(exclude_unset=True)
+        if "sampling" in judge:  # the flag replaces the config's sampling, in either form
+            configured = {k: v for k, v in configured.items() if k not in ("temperature", "max_tokens")}
+        ev = ev.model_copy(update={"judge": JudgeConfig.model_validate({**configured, **judge})})
     summary = run_evaluation(ev, cfg.storage)
     print("\n".join(["wrote:", *summary["outputs"]]))
     return 0
@@ -237,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-url", help="OpenAI-compatible base URL of the LLM judge (overrides evaluate.judge.url)")
     p.add_argument("--judge-model", help="model name sent to the judge")
     p.add_argument("--judge-prompt", choices=["paper", "released", "chat"], help="judge prompt (default: paper)")
+    p.add_argument("--judge-sampling", choices=["paper", "released"],
+                   help="paper: temperature 0, max_tokens 512 (default); released: neither field sent, as the "
+                        "authors' scoring scripts")
     p.add_argument("--max-invalid-fraction", type=float, help="exit non-zero above this share of invalid verdicts")
     p.add_argument("--max-bad-fraction", type=float, help="stop before judging above this share of bad rows")
     p.set_defaults(func=_evaluate)
