@@ -122,6 +122,10 @@ class EvaluateConfig(Section):
                                   "a null/absent answer is left out of that candidate's rates and counted as missing")
     baseline: str | None = Field("original", description="candidate before correction (improvement, copy rate)")
     treatment: str | None = Field("corrected", description="candidate after correction")
+    too_long_column: str | None = Field(
+        "too_long", description="the `correct` output's flag of rows whose prompt was over the corrector's limit (with "
+        "on_too_long: original the correction is the untouched answer): its share of the paired items is shown next "
+        "to every \"+\" when above 1 %; ignored when the input has no such column")
     zero_shot: ZeroShotConfig | None = None
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     seed: int = Field(0, description="answer-order randomisation and bootstrap")
