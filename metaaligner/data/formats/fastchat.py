@@ -4,7 +4,8 @@ A row is `{"id": n, "conversations": [{"from": "human", "value": prompt}, {"from
 The condition, the objectives and the weak answer are read back from the prompt, which must be one of our
 templates filled in (the paper's and every released checkpoint's, both conditions). A prompt that lists no
 objectives is kept as released (the authors' HH-RLHF equal items list the objectives the rejected answer won, often
-none) and counted as `empty_objectives`.
+none; their UltraFeedback script writes a contrastive item without objectives for a pair whose ratings all tie) and
+counted as `empty_objectives`.
 """
 
 from __future__ import annotations
