@@ -125,8 +125,10 @@ def main() -> None:
                                            num_layers=args.layers, max_positions=1024, vocab_size=512, seed=k)
                   for k in range(3)]
     concurrency = args.concurrency or (1 if args.num_gpus else args.cpus)
-    cfg = ScoreConfig(input=str(work / "in"), output=str(work / "ray-out"),
-                      reward_models=[{"name": n, "path": str(d)} for n, d in zip(NAMES, model_dirs)],
+    # the plain split and text inputs, as the hand-written baseline computes them (not the reference's defaults)
+    cfg = ScoreConfig(input=str(work / "in"), output=str(work / "ray-out"), split="plain", length_of="input",
+                      min_tokens=0,
+                      reward_models=[{"name": n, "path": str(d), "input": "text"} for n, d in zip(NAMES, model_dirs)],
                       batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, concurrency=concurrency,
                       num_cpus=args.actor_cpus or max(0.25, min(1.0, (args.cpus - 1) / concurrency)),
                       num_gpus=args.num_gpus, dtype=args.dtype)

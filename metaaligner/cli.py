@@ -23,15 +23,32 @@ def _section(args, section: str, flags: tuple[str, ...], hint: str):
     return cfg, getattr(cfg, section)
 
 
+def _holdout(args) -> dict | None:
+    """`--holdout-last-n N` or `--holdout-questions PATH [--holdout-column COL]` as a `holdout` section."""
+    if args.holdout_last_n is not None and args.holdout_questions is not None:
+        raise SystemExit("reformulate: give --holdout-last-n or --holdout-questions, not both")
+    if args.holdout_last_n is not None:
+        return {"kind": "last_n", "n": args.holdout_last_n}
+    if args.holdout_questions is not None:
+        return {"kind": "questions_from", "path": args.holdout_questions,
+                **({"column": args.holdout_column} if args.holdout_column else {})}
+    if args.holdout_column:
+        raise SystemExit("reformulate: --holdout-column goes with --holdout-questions")
+    return None
+
+
 def _reformulate(args) -> int:
     from metaaligner.data.reformulate.job import run_reformulation
 
+    args.holdout = _holdout(args)
     cfg, rf = _section(args, "reformulate", ("input", "output", "format", "objectives", "template", "seed",
-                                             "score_decimals", "holdout_fraction", "split_seed", "max_bad_fraction",
-                                             "on_bad_file"),
+                                             "score_decimals", "holdout", "holdout_fraction", "split_seed",
+                                             "max_bad_fraction", "on_bad_file"),
                        "give --input and --output (or a config with a reformulate section)")
     summary = run_reformulation(rf, cfg.storage)
-    held_out = f", {summary['holdout_pairs']} held out as {summary['test_rows']} test rows" if rf.holdout_fraction else ""
+    held_out = (f", {summary['holdout_pairs']} held out ({summary['holdout']['kind']}) as {summary['test_rows']} test "
+                f"rows, {summary['training_items_sharing_heldout_question']} training items share a held-out "
+                f"question" if summary["holdout"] else "")
     print(f"reformulated {summary['valid_pairs']} pairs into {summary['items_total']} items{held_out} "
           f"({summary['quarantined']} quarantined, {len(summary['bad_files'])} unreadable files) in "
           f"{summary['wall_time_s']:.1f}s -> {rf.output}")
@@ -68,9 +85,9 @@ def _score(args) -> int:
     from metaaligner.data.scoring.job import run_scoring
 
     args.reward_models = _reward_models(args)
-    cfg, sc = _section(args, "score", ("input", "output", "format", "reward_models", "decimals", "batch_size",
-                                       "micro_batch_size", "concurrency", "num_cpus", "num_gpus", "device", "dtype",
-                                       "max_bad_fraction"),
+    cfg, sc = _section(args, "score", ("input", "output", "format", "reward_models", "split", "length_of",
+                                       "min_tokens", "decimals", "batch_size", "micro_batch_size", "concurrency",
+                                       "num_cpus", "num_gpus", "device", "dtype", "max_bad_fraction"),
                        "give --input, --output and --reward-model NAME=PATH (or a config with a score section)")
     s = run_scoring(sc, cfg.storage)
     print(f"scored {s['rows_scored']}/{s['rows_read']} rows ({s['rows_quarantined']} quarantined) with "
@@ -85,11 +102,13 @@ def _evaluate(args) -> int:
     cfg, ev = _section(args, "evaluate", ("input", "output", "seed", "question_column", "id_column", "golden",
                                           "candidates", "max_invalid_fraction", "max_bad_fraction"),
                        "give --config with an evaluate section (or --input and --output)")
-    judge = {k: v for k, v in (("url", args.judge_url), ("model", args.judge_model), ("prompt", args.judge_prompt))
-             if v is not None}
+    judge = {k: v for k, v in (("url", args.judge_url), ("model", args.judge_model), ("prompt", args.judge_prompt),
+                               ("sampling", args.judge_sampling)) if v is not None}
     if judge:
-        ev = ev.model_copy(update={"judge": JudgeConfig.model_validate(
-            {**ev.judge.model_dump(exclude_unset=True), **judge})})
+        configured = ev.judge.model_dump(exclude_unset=True)
+        if "sampling" in judge:  # the flag replaces the config's sampling, in either form
+            configured = {k: v for k, v in configured.items() if k not in ("temperature", "max_tokens")}
+        ev = ev.model_copy(update={"judge": JudgeConfig.model_validate({**configured, **judge})})
     summary = run_evaluation(ev, cfg.storage)
     print("\n".join(["wrote:", *summary["outputs"]]))
     return 0
@@ -163,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-decimals", type=_score_decimals, metavar="N|exact|auto",
                    help="scores tie when equal after rounding to N decimals, or exactly (auto: exact for "
                         "hh_rlhf_scores, 1 for canonical)")
-    p.add_argument("--holdout-fraction", type=float, help="share of questions held out as evaluation rows in test/")
+    p.add_argument("--holdout-fraction", type=float, help="share of questions held out as evaluation rows in test/ "
+                   "(hash split)")
     p.add_argument("--split-seed", type=int, help="seed of the held-out split's hash")
+    p.add_argument("--holdout-last-n", type=int, metavar="N", help="hold out the last N distinct questions in input "
+                   "order (files sorted, then rows), as the reference's train[-15000:]")
+    p.add_argument("--holdout-questions", metavar="PATH", help="hold out every question found in a column of these "
+                   "CSV/JSON/Parquet file(s), e.g. the released policy CSVs")
+    p.add_argument("--holdout-column", help="the column of --holdout-questions (default: query)")
     p.add_argument("--max-bad-fraction", type=float, help="fail without committing above this share of bad rows")
     p.add_argument("--on-bad-file", choices=["fail", "quarantine"], help="what an unreadable input file does")
     p.set_defaults(func=_reformulate)
@@ -176,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hh_rlhf_raw"])
     p.add_argument("--reward-model", action="append", metavar="NAME=PATH",
                    help="objective name and sequence-classification folder; repeat, in score-column order")
+    p.add_argument("--split", choices=["reference", "plain"],
+                   help="reference (default): a space before the last '\\n\\nAssistant:', responses stripped, as "
+                        "the reference; plain: split at the marker, rows that do not split cleanly quarantined")
+    p.add_argument("--length-of", choices=["transcript", "input"],
+                   help="count tokens of the whole transcripts (default, the reference; inputs truncated to the "
+                        "limit) or of the model inputs (never truncated)")
+    p.add_argument("--min-tokens", type=int, help="fewer tokens for any model: too_short (default 8, the reference)")
     p.add_argument("--decimals", type=int, help="round raw rewards to this many decimals before normalising")
     p.add_argument("--batch-size", type=int, help="rows per scoring call")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass")
@@ -207,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-url", help="OpenAI-compatible base URL of the LLM judge (overrides evaluate.judge.url)")
     p.add_argument("--judge-model", help="model name sent to the judge")
     p.add_argument("--judge-prompt", choices=["paper", "released", "chat"], help="judge prompt (default: paper)")
+    p.add_argument("--judge-sampling", choices=["paper", "released"],
+                   help="paper: temperature 0, max_tokens 512 (default); released: neither field sent, as the "
+                        "authors' scoring scripts")
     p.add_argument("--max-invalid-fraction", type=float, help="exit non-zero above this share of invalid verdicts")
     p.add_argument("--max-bad-fraction", type=float, help="stop before judging above this share of bad rows")
     p.set_defaults(func=_evaluate)

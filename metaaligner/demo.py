@@ -57,6 +57,7 @@ def _train_config(data: str, base: str, out: str, cfg: DemoConfig):
     return TrainConfig.model_validate({
         "data": data, "base_model": base, "output": out, "run_name": "demo", "max_length": 256,
         "packing": True, "num_workers": 2, "log_every": 20, "seed": cfg.seed,
+        "validation": {"fraction": 0.05, "eval_every": 20},  # 5 % of each stage's rows held out: the eval loss
         "deepspeed": {"zero_stage": 3, "precision": "fp32", "micro_batch_size": 8, "torch_adam": True,
                       "weight_decay": 0.0, "betas": [0.9, 0.98]},
         "warmup": {"fraction": 0.3, "epochs": 20, "max_steps": s["warmup"], "lr": 2e-3, "warmup_ratio": 0.05},
@@ -248,13 +249,19 @@ def _learning_check(report, rows, train, reformulated, samples, timings, started
         "exact_match_golden": round(sum(r["corrected"] == r["golden"] for r in rows) / len(rows), 3),
         "copy_rate": report.get("copy_rate"),
         "reformulation": {k: reformulated[k] for k in ("valid_pairs", "items", "quarantined")},
-        "training": {stage: {k: s.get(k) for k in ("steps", "first_loss", "last_loss", "wall_time_s")}
-                     for stage, s in train.items()},
+        "training": {stage: {**{k: s.get(k) for k in ("steps", "first_loss", "last_loss", "wall_time_s")},
+                             **_eval_losses(s)} for stage, s in train.items()},
         "serve_samples": samples,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "wall_time_s": round(time.perf_counter() - started, 1),
         "outputs": sorted(str(p.relative_to(out)) for p in (out / "evaluation").iterdir()),
     }
+
+
+def _eval_losses(stage_summary: dict) -> dict:
+    v = stage_summary.get("validation") or {}
+    return {"validation_examples": v.get("examples"), "first_eval_loss": v.get("first_loss"),
+            "last_eval_loss": v.get("last_loss")}
 
 
 def _report(s: dict) -> str:
@@ -264,6 +271,10 @@ def _report(s: dict) -> str:
         lines.append(f"{o:<16}{100 * s['win_tie_rate']['original'][o]:>9.1f}%"
                      f"{100 * s['win_tie_rate']['corrected'][o]:>10.1f}%"
                      f"{s['improvement_points'][o]:>+8.1f}")
+    for stage, t in s["training"].items():
+        held = (f", eval loss {t['first_eval_loss']:.3f} -> {t['last_eval_loss']:.3f} on {t['validation_examples']} "
+                f"held-out examples" if t.get("last_eval_loss") is not None else "")
+        lines.append(f"training {stage}: loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}{held}")
     lines += [f"average improvement: {s['average_improvement_points']:+.1f} points (target >= +20)",
               f"held-out combination {s['held_out_combination']['objectives']}: "
               f"{s['held_out_combination']['improvement_points']} points",

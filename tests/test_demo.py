@@ -25,6 +25,9 @@ def test_demo_runs_every_stage_and_learns(tmp_path):
     for stage in ("warmup", "equal", "contrastive"):
         assert s["training"][stage]["steps"] > 0
         assert s["training"][stage]["last_loss"] < s["training"][stage]["first_loss"]
+        assert s["training"][stage]["validation_examples"] > 0  # an eval loss on held-out rows, in the output
+        assert s["training"][stage]["last_eval_loss"] < s["training"][stage]["first_eval_loss"]
+        assert f"training {stage}: loss " in proc.stdout and "held-out examples" in proc.stdout
     assert (out / "models" / "corrector" / "model.safetensors").is_file()
     unseen = s["serve_samples"][2]
     assert unseen["request"]["objectives"][1]["name"] == "Brevity" and unseen["response"]["correction"]

@@ -32,7 +32,7 @@ def _rows() -> list[dict]:
     corrected: impolite only in row 0. So Politeness 40 % -> 90 %, Calmness 50 % -> 100 %, others 100 %."""
     rows = [{"id": i, "question": f"How do I time thing {i}?", "golden": GOLDEN,
              "original": _answer(polite=i >= 6, calm=i % 2 == 1), "corrected": _answer(polite=i >= 1, calm=True),
-             "objectives": None} for i in range(10)]
+             "objectives": None, "too_long": i == 0} for i in range(10)]  # as `correct` flags it
     rows.append({"id": "no-golden", "question": "q", "golden": None, "original": "a", "corrected": "b",
                  "objectives": None})
     rows.append({"id": "bad-objective", "question": "q", "golden": "g", "original": "a", "corrected": "b",
@@ -74,7 +74,8 @@ def test_rule_judge_on_s3_with_quarantine_reports_and_resume(ray_cluster, s3_buc
     storage.write_text(f"{base}/input/items.jsonl", _jsonl(_rows()))
     cfg = EvaluateConfig(input=f"{base}/input", output=f"{base}/out", bootstrap_samples=200, batch_size=16,
                          copy_threshold=0.0)
-    summary = run_evaluation(cfg, storage)
+    printed = []
+    summary = run_evaluation(cfg, storage, log=printed.append)
     assert (summary["items"], summary["quarantined"], summary["judged"], summary["invalid"]) == (12, 2, 80, 0)
 
     results = storage.read_json(f"{base}/out/results.json")
@@ -87,6 +88,12 @@ def test_rule_judge_on_s3_with_quarantine_reports_and_resume(ray_cluster, s3_buc
     assert len(quarantine) == 2
     md = storage.read_text(f"{base}/out/results.md")
     assert "| Politeness | 40.0 [" in md and "+50.0" in md and "wins / judged (the paper's Algorithm 2" in md
+    # one item in ten kept its original answer as too long: its share stands next to every "+"
+    assert results["too_long"]["per_objective"]["Politeness"] == {"items": 10, "too_long": 1, "share": 0.1}
+    plus_rows = [ln for ln in md.splitlines() if re.search(r"\| [+-]\d+\.\d[^|]* \|$", ln)]  # rows ending in a "+"
+    assert len(plus_rows) == 3 * (len(results["objectives"]) + 1)  # three rates: each objective and the average
+    assert all(ln.endswith("(too_long 10.0 %) |") for ln in plus_rows) and md.count("(too_long 10.0 %)") == len(plus_rows)
+    assert "Politeness +0.0 (too_long 10.0 %)" in printed[-2] and "pulls the \"+\" toward 0" in printed[-1]
     assert storage.read_json(f"{base}/out/_SUCCESS")["job"] == "evaluate"
     fs, path = storage.filesystem(f"{base}/out/win_rates.png")
     with fs.open_input_stream(path) as f:

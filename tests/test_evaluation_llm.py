@@ -165,3 +165,18 @@ def test_no_access_and_not_found_stop_the_run(server, status):
     with pytest.raises(JudgeUnavailable, match=f"HTTP {status}"):
         list(judge.judge_many([Comparison("q", ANSWERS[0], ANSWERS[1], SYNTH["Calmness"])] * 3))
     assert server.requests <= 3
+
+
+@pytest.mark.parametrize("sampling, sent", [
+    ("paper", {"temperature": 0.0, "max_tokens": 512}),
+    ("released", {}),  # the authors' scoring scripts send neither: the API's defaults apply
+    ({"temperature": 1.0, "max_tokens": 8}, {"temperature": 1.0, "max_tokens": 8}),
+])
+def test_judge_sampling_presets_set_the_request_fields(server, sampling, sent):
+    judge = build_judge(_cfg(server.url, prompt="released", sampling=sampling))
+    judge.judge("How?", ANSWERS[0], ANSWERS[1], SYNTH["Politeness"])
+    judge.close()
+    body = server.bodies[-1]
+    assert {k: body[k] for k in ("temperature", "max_tokens") if k in body} == sent
+    assert _cfg(server.url, temperature=0.0).identity() == _cfg(server.url).identity()  # old configs keep their cache
+    assert _cfg(server.url, sampling="released").identity() != _cfg(server.url).identity()

@@ -182,3 +182,19 @@ def test_committed_sample_set_matches_its_generator():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.OUT.read_text(encoding="utf-8") == module.render(module.make_rows())
+
+
+def test_too_long_share_is_shown_next_to_a_plus_only_above_one_percent():
+    from metaaligner.evaluation.too_long import flag, improvement_lines, too_long_note, too_long_shares
+
+    assert [flag(v) for v in (True, False, "true", "False", "1", None)] == [True, False, True, False, True, None]
+    outcomes = {"A": {"base": {f"i{k}": "loss" for k in range(200)}, "treat": {f"i{k}": "win" for k in range(200)}},
+                "B": {"base": {"i0": "tie", "i1": "tie"}, "treat": {"i0": "win", "i1": "tie"}}}
+    valid = [{"id": "i0", "too_long": True}, {"id": "i1", "too_long": False}]
+    report = {"too_long": too_long_shares("too_long", "base", "treat", outcomes, ["A", "B"], valid),
+              "improvement": {"baseline": "base", "treatment": "treat", "average": {"win_rate": 0.75},
+                              "per_objective": {"A": {"win_rate": 1.0}, "B": {"win_rate": 0.5}}}}
+    assert report["too_long"]["per_objective"]["A"]["share"] == 0.005 and too_long_note(report, "A") == ""
+    assert too_long_note(report, "B") == " (too_long 50.0 %)" and too_long_note(report, None) == ""
+    assert improvement_lines(report)[0].endswith("A +100.0; B +50.0 (too_long 50.0 %); average +75.0")
+    assert improvement_lines({**report, "too_long": None})[0].endswith("A +100.0; B +50.0; average +75.0")

@@ -21,12 +21,13 @@ def _touch(path, text="{}\n"):
 
 def test_test_splits_are_skipped_only_when_asked(tmp_path, caplog):
     keep = [_touch(tmp_path / "train.csv"), _touch(tmp_path / "more" / "train_2.csv"), _touch(tmp_path / "testing.csv"),
-            _touch(tmp_path / "contest.csv")]
-    held_out = [_touch(tmp_path / "test.csv"), _touch(tmp_path / "test_part-1.csv"), _touch(tmp_path / "test" / "a.csv")]
+            _touch(tmp_path / "contest.csv"), _touch(tmp_path / "train-00000-of-00001.csv")]
+    held_out = [_touch(tmp_path / "test.csv"), _touch(tmp_path / "test_part-1.csv"), _touch(tmp_path / "test" / "a.csv"),
+                _touch(tmp_path / "test-00000-of-00001.csv")]  # a Hugging Face shard name
     with caplog.at_level(logging.WARNING):
         kind, files = discover(str(tmp_path), LOCAL, skip_test_files=True)
     assert kind == "csv" and files == sorted(keep)
-    assert "skipping 3 test-split file(s)" in caplog.text
+    assert "skipping 4 test-split file(s)" in caplog.text
     assert discover(str(tmp_path), LOCAL)[1] == sorted(keep + held_out)  # correct/evaluate read everything
     assert discover(str(tmp_path / "test.csv"), LOCAL, skip_test_files=True)[1] == held_out[:1]  # named explicitly
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -67,7 +68,9 @@ def reward_dirs(tmp_path_factory):
     }
 
 
-MODEL_SETTINGS = {"Harmlessness": {}, "Helpfulness": {"head": 1, "sign": -1}, "Humour": {}}
+MODEL_SETTINGS = {"Harmlessness": {"input": "text"}, "Helpfulness": {"head": 1, "sign": -1, "input": "text"},
+                  "Humour": {"input": "text"}}
+PLAIN = {"split": "plain", "length_of": "input", "min_tokens": 0, "dtype": "float32"}  # not the reference's defaults
 
 
 def direct_rewards(folder, settings: dict, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -102,7 +105,7 @@ def write_config(path, reward_dirs, **score) -> str:
     import yaml
 
     models = [{"name": n, "path": str(d), **MODEL_SETTINGS[n]} for n, d in reward_dirs.items()]
-    path.write_text(yaml.safe_dump({"score": {"reward_models": models, **score}}))
+    path.write_text(yaml.safe_dump({"score": {"reward_models": models, **PLAIN, **score}}))
     return str(path)
 
 
@@ -175,7 +178,9 @@ def test_reward_model_scores_match_a_direct_call_and_settings_resolve(reward_dir
         model = RewardModel(spec, Storage(), micro_batch_size=4)  # padded, length-sorted micro-batches
         np.testing.assert_allclose(model.score(model.encode(prompts, chosen)),
                                    direct_rewards(folder, MODEL_SETTINGS[name], prompts, chosen), atol=1e-5)
-        assert model.plan.input == "text"  # no sep token: prompt + response as one text
+        assert model.plan.input == "text"
+    auto = inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Humour"]), input="auto"), Storage())
+    assert auto.input == "text"  # no sep token: prompt + response as one text
     plan = inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Humour"])), Storage())
     assert (plan.max_length, plan.head, plan.num_labels) == (HUMOUR_LIMIT, 0, 1)
     labelled = inspect_model(RewardModelConfig(name="h", path=str(reward_dirs["Helpfulness"]), head="LABEL_1"),
@@ -293,3 +298,112 @@ def test_too_many_bad_rows_fail_without_commit(ray_cluster, storage, reward_dirs
     assert not (out / "_SUCCESS").exists() and not (out / "_summary.json").exists()
     staged = list((out / "_staging").glob("*/_quarantine/*.parquet"))
     assert staged and sum(pq.read_table(f).num_rows for f in staged) == 6
+
+
+# --- as the reference computes it (issue 17 item 4) -------------------------------------------------------------
+
+MARK = "\n\nAssistant:"
+
+
+def reference_oracle(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """The reference's `tokenize` (prepare_dataset_with_rewards.py), restated: split both transcripts at every
+    marker, the prompt is the chosen one's parts but the last joined back, then a space and the marker; the
+    responses are the last parts, stripped."""
+    c, r = chosen.split(MARK), rejected.split(MARK)
+    return MARK.join(c[:-1]) + " " + MARK, c[-1].strip(), r[-1].strip()
+
+
+REFERENCE_ROWS = [  # (row, the reference's split written out, our note)
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there. ", "rejected": "\n\nHuman: Hi\n\nAssistant:  Go away\n"},
+     ("\n\nHuman: Hi \n\nAssistant:", "Hello there.", "Go away"), None),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c? \n\nAssistant:\u00a0d\u3000",  # multi-turn, unicode spaces
+      "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c? \n\nAssistant:e"},
+     ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c?  \n\nAssistant:", "d", "e"), None),
+    ({"chosen": "\n\nHuman: tell me a joke ", "rejected": " \n\nHuman: tell me a joke"},  # no assistant turn
+     (" \n\nAssistant:", "Human: tell me a joke", "Human: tell me a joke"), "no_assistant_turn"),
+    ({"chosen": "\n\nHuman: one\n\nAssistant: x", "rejected": "\n\nHuman: two\n\nAssistant: y"},
+     ("\n\nHuman: one \n\nAssistant:", "x", "y"), "prompt_mismatch"),  # the chosen prompt is taken
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c", "rejected": "\n\nHuman: a\n\nAssistant: d"},
+     ("\n\nHuman: a \n\nAssistant:", "b\n\nHuman: c", "d"), "final_human_turn"),
+]
+
+
+def test_reference_split_matches_the_reference_byte_for_byte():
+    rows = [row for row, _, _ in REFERENCE_ROWS]
+    out = split_batch(pa.table({"text": [json.dumps(r) for r in rows]}), json_lines=True, split="reference")
+    got = list(zip(*(out.column(c).to_pylist() for c in ("prompt", "chosen_response", "rejected_response"))))
+    for (row, expected, note), split, got_note in zip(REFERENCE_ROWS, got, out.column("note").to_pylist()):
+        assert split == expected == reference_oracle(row["chosen"], row["rejected"]), row
+        assert got_note == note
+    assert out.column("reason").null_count == len(rows)  # kept, as the reference keeps them
+    # the issue's example: ours used to give ('\n\nHuman: Hi\n\nAssistant:', ' Hello there. ')
+    assert got[0][:2] == ("\n\nHuman: Hi \n\nAssistant:", "Hello there.")
+
+
+def direct_reference_rewards(folder, plan, pairs: list[tuple[str, str]]) -> np.ndarray:
+    """One unpadded bf16 call per input, as the reference: tokenizer(q, r) (or r alone), truncated to the limit,
+    logit[head] * sign."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True,
+                                                               dtype=torch.bfloat16).eval()
+    out = []
+    with torch.inference_mode():
+        for q, r in pairs:
+            args = (r,) if plan.input == "response" else (q, r)
+            enc = tok(*args, return_tensors="pt", truncation=True, max_length=plan.max_length)
+            out.append(plan.sign * model(**enc).logits[0][plan.head].item())
+    return np.array(out)
+
+
+def test_score_as_the_reference_by_default(ray_cluster, storage, reward_dirs, tmp_path):
+    """The reference's inputs and row filter: the split above, pair inputs, humour on the response alone with logit
+    1, transcripts under 8 tokens (any model's tokenizer) or over a model's limit dropped (quarantined here), bf16."""
+    import yaml
+
+    humour = create_tiny_reward_model(tmp_path / "humour", [r["chosen"] for r in hh_rows(200, seed=99)], arch="gpt2",
+                                      num_labels=2, max_positions=HUMOUR_LIMIT, seed=5)
+    models = [{"name": "Harmlessness", "path": str(reward_dirs["Harmlessness"])},
+              {"name": "Helpfulness", "path": str(reward_dirs["Helpfulness"]), "head": 1, "sign": -1},
+              {"name": "Humour", "path": str(humour), "input": "response", "head": 1}]
+    rng = random.Random(21)
+    long_row = hh_row(rng, long=True)  # its response fits the humour model, its transcript does not
+    rows = hh_rows(12, seed=20) + [r for r, _, _ in REFERENCE_ROWS] + [long_row, {"chosen": "Hi", "rejected": "Hi"}]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "train.json").write_text(json.dumps(rows))  # an array file, as an export may be
+    (tmp_path / "score.yaml").write_text(yaml.safe_dump({"score": {"reward_models": models, "micro_batch_size": 1}}))
+    out = tmp_path / "out"
+    assert cli_main(["score", "--config", str(tmp_path / "score.yaml"), "--input", str(tmp_path / "in"),
+                     "--output", str(out)]) == 0
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["split"], summary["length_of"], summary["min_tokens"], summary["dtype"]) == \
+           ("reference", "transcript", 8, "bfloat16")
+    assert [m["input"] for m in summary["reward_models"]] == ["pair", "pair", "response"]
+
+    plans = [inspect_model(RewardModelConfig(**m), Storage()) for m in models]
+    folders = [reward_dirs["Harmlessness"], reward_dirs["Helpfulness"], humour]
+    from transformers import AutoTokenizer
+
+    toks = [AutoTokenizer.from_pretrained(str(f)) for f in folders]
+
+    def kept(row) -> bool:  # the reference's filter: 8 <= tokens <= limit for both transcripts, every model
+        return all(8 <= len(t.encode(row[side])) <= p.max_length for t, p in zip(toks, plans)
+                   for side in ("chosen", "rejected"))
+
+    keep = [r for r in rows if kept(r)]
+    assert long_row not in keep and rows[-1] not in keep and len(keep) >= 14
+    assert summary["rows_scored"] == len(keep) and summary["quarantined_by_reason"] == {
+        "too_long": 1, "too_short": len(rows) - len(keep) - 1}
+    assert summary["split_notes"] == dict(Counter(n for r, _, n in REFERENCE_ROWS if n and r in keep))
+    splits = [reference_oracle(r["chosen"], r["rejected"]) for r in keep]
+    got = read_output(str(out), storage)
+    assert sorted(splits) == [(g["prompt"], g["chosen_response"], g["rejected_response"]) for g in got]
+    order = sorted(range(len(keep)), key=lambda i: splits[i])
+    for k, (folder, plan) in enumerate(zip(folders, plans), start=1):
+        raw = np.round(direct_reference_rewards(folder, plan, [(splits[i][0], splits[i][s]) for s in (1, 2)
+                                                               for i in order]), 1)
+        z = (raw - raw.mean()) / raw.std()
+        np.testing.assert_allclose([g[f"chosen_score{k}"] for g in got] + [g[f"rejected_score{k}"] for g in got], z,
+                                   rtol=1e-9, atol=1e-12)

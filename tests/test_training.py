@@ -292,22 +292,38 @@ def test_changed_stage_retrains_it_and_every_later_stage(trained, storage, capsy
         "contrastive"]
 
 
-def test_length_grouped_example_steps_with_zero2_in_bench_mode(tiny_train, storage, ray_cluster):
+def test_length_grouped_example_steps_with_zero2_validation_in_bench_mode(tiny_train, storage, ray_cluster):
     """The padded path (length-grouped rows x longest within the token budget) under ZeRO-2, local storage,
-    with `global_batch_examples`: every step holds exactly 6 examples (an epoch's last one fewer), spread over
-    a varying number of micro-batches per step. Bench mode (`save_checkpoints: false`): no checkpoint at all."""
+    with `global_batch_examples`: every step holds exactly 4 examples (an epoch's last one fewer), spread over
+    a varying number of micro-batches per step. `validation: {first_n: 2}` holds the first two rows of the stage's
+    data out: they never train, and their eval loss is logged every 2 steps (issue 17 item 8). Bench mode
+    (`save_checkpoints: false`): no checkpoint at all."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from metaaligner.training.validation import ValidationConfig
+
     cfg, _ = tiny_train
     cfg = cfg.model_copy(update={"packing": False, "attn_implementation": "sdpa", "log_sample_ids": True,
                                  "checkpoint_every": 0, "save_checkpoints": False,
-                                 "global_batch_examples": 6,
+                                 "global_batch_examples": 4,
+                                 "validation": ValidationConfig(first_n=2, eval_every=2),
                                  "deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": 2}),
                                  "warmup": cfg.warmup.model_copy(update={"fraction": 1.0, "epochs": 3})})
     s = run_training(cfg, storage, "warmup")["warmup"]
-    assert s["examples"] == 8 and s["rows_read"] == 8  # warm-up reads equal/ only
-    assert s["steps"] == 3 * 2 and s["examples_per_step"] == {"min": 2, "max": 6}  # 8 = 6 + 2 per epoch
+    assert s["rows_read"] == 8 and s["examples"] == 6 and s["status_counts"]["validation"] == 2  # equal/ only
+    assert s["steps"] == 3 * 2 and s["examples_per_step"] == {"min": 2, "max": 4}  # 6 = 4 + 2 per epoch
     samples = _samples(str(Path(cfg.output) / "warmup" / "logs" / "samples.jsonl"), storage)
-    assert [len(samples[i]) for i in sorted(samples)] == [6, 2] * 3
+    assert [len(samples[i]) for i in sorted(samples)] == [4, 2] * 3
+    trained = {k for ids in samples.values() for k in ids}
+    assert trained == {row_key(f"equal-{i}") for i in range(2, 8)}  # the first two rows never train
+    v = s["validation"]
+    assert v["examples"] == 2 and v["rule"] == {"first_n": 2} and [e["step"] for e in v["evals"]] == [2, 4, 6]
+    assert v["last_loss"] < v["first_loss"]
     assert s["last_loss"] < s["first_loss"] and s["padding_fraction"] > 0.01  # padded rows, unlike packing
+    logs = Path(cfg.output) / "warmup" / "logs"
+    events = EventAccumulator(str(logs / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4, 6]
     assert (Path(cfg.output) / "warmup" / "model" / "model.safetensors").is_file()
     assert s["checkpoint"] is None and s["kernels"] == "torch"
     written = [p for p in Path(cfg.checkpoint_root).rglob("*") if p.is_file()]

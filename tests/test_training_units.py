@@ -369,6 +369,7 @@ def test_paper_setup_configs_carry_table_5(name, zero, max_length):
     cfg = load_config(ROOT / "jobs" / "configs" / f"{name}.yaml").train
     assert cfg.max_length == max_length and cfg.global_batch_examples == 512 and cfg.use_gpu
     assert cfg.deepspeed.zero_stage == zero and cfg.deepspeed.betas == (0.9, 0.999)
+    assert cfg.deepspeed.weight_decay == 1e-5  # the authors' FastChat command; the paper is silent
     assert cfg.packing and cfg.attn_implementation == "torch_varlen" and cfg.token_budget >= max_length
     for stage in ("warmup", "equal", "contrastive"):
         s = cfg.stage(stage)
@@ -475,3 +476,33 @@ def test_gpu_peaks():
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989 and gpu_peak_tflops("NVIDIA H100 PCIe") == 756
     with pytest.raises(ValueError, match="peak_tflops"):
         gpu_peak_tflops("Some GPU")
+
+
+def test_validation_rows_by_first_n_and_fraction_and_a_lockstep_eval_plan(tmp_path):
+    """train.validation (issue 17 item 8): the first N rows of the stage's files in order, or a seeded share by id;
+    the eval plan gives every rank the same number of micro-batches (ZeRO-3 runs forward passes in lockstep)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from metaaligner.storage import Storage
+    from metaaligner.training.validation import Selection, ValidationConfig, selection, validation_plan
+
+    for k, ids in enumerate((["a", "b"], ["c", "d", "e"])):
+        pq.write_table(pa.table({"id": ids}), tmp_path / f"part-{k}.parquet")
+    fs = Storage().filesystem(str(tmp_path))[0]
+    files = [str(tmp_path / f"part-{k}.parquet") for k in range(2)]
+    assert selection(ValidationConfig(first_n=3), files, fs).ids == {"a", "b", "c"}
+    share = selection(ValidationConfig(fraction=0.3, seed=1), files, fs)
+    picked = [i for i in range(2000) if share.selects(f"row-{i}")]
+    assert 500 < len(picked) < 700 and picked == [i for i in range(2000) if Selection(0.3, 1, None).selects(f"row-{i}")]
+    assert selection(None, files, fs) is None
+    with pytest.raises(ValueError, match="exactly one"):
+        ValidationConfig(fraction=0.1, first_n=3)
+    index = {"val_keys": np.arange(7, dtype=np.int64), "val_lengths": np.array([5, 9, 3, 8, 2, 7, 4])}
+    for packing in (True, False):
+        plan = validation_plan(index, packing, budget=16, world=2)
+        assert len(plan) == 1 and sorted(plan.keys.tolist()) == list(range(7))
+        assert len(plan.rank_micros(0, 0)) == len(plan.rank_micros(0, 1))
+    assert validation_plan({"val_keys": np.zeros(0, np.int64), "val_lengths": np.zeros(0)}, True, 16, 2) is None

@@ -12,6 +12,16 @@ OBJECTIVES_COLUMN = "objectives"  # optional per-row objectives (a list of names
 RATE_NAMES = ("win_rate", "win_tie_rate", "net_win_rate")
 
 
+class JudgeSampling(Section):
+    """Sampling fields sent with every judge request."""
+
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(512, ge=1, le=8192)
+
+
+SAMPLING_PRESETS = {"paper": JudgeSampling()}  # `released` sends no sampling field at all
+
+
 class JudgeConfig(Section):
     """Which judge decides each pairwise comparison, and how it is called."""
 
@@ -25,8 +35,12 @@ class JudgeConfig(Section):
         "string, byte for byte; both one user message, reply 1, 2 or 0. chat: a system + user prompt asking for "
         "'Verdict: X' (see metaaligner.evaluation.judges.prompts)")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="NAME of the env var holding the key; None: no auth")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(512, ge=1, le=8192)
+    sampling: Literal["paper", "released"] | JudgeSampling = Field(
+        "paper", description="paper: temperature 0 and max_tokens 512 (deterministic verdicts; the paper states no "
+        "sampling settings); released: neither field is sent, so the API's defaults apply, as in the authors' "
+        "scoring scripts; or {temperature, max_tokens}")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="the older form of sampling.temperature")
+    max_tokens: int | None = Field(None, ge=1, le=8192, description="the older form of sampling.max_tokens")
     concurrency: int = Field(8, ge=1, le=256, description="requests in flight per judge worker")
     max_retries: int = Field(5, ge=0, le=20, description="retries per request on 429/5xx/timeouts/connection errors")
     backoff_s: float = Field(1.0, ge=0.0, le=60.0, description="first retry delay; doubles each retry")
@@ -51,13 +65,28 @@ class JudgeConfig(Section):
             raise ValueError(f"judge.url must be http(s)://, got {self.url!r}")
         if self.kind == "reward_model" and not self.model_path:
             raise ValueError("judge.kind=reward_model needs judge.model_path")
+        if self.temperature is not None or self.max_tokens is not None:
+            if "sampling" in self.model_fields_set:
+                raise ValueError("judge: give sampling or temperature/max_tokens, not both")
+            paper = SAMPLING_PRESETS["paper"]
+            self.sampling = JudgeSampling(temperature=paper.temperature if self.temperature is None else self.temperature,
+                                          max_tokens=paper.max_tokens if self.max_tokens is None else self.max_tokens)
+            self.temperature = self.max_tokens = None  # now held by sampling (a re-validated dump stays valid)
         return self
+
+    def sampling_fields(self) -> dict:
+        """The sampling fields of a request: {} for `released`, else temperature and max_tokens."""
+        if self.sampling == "released":
+            return {}
+        sampling = SAMPLING_PRESETS[self.sampling] if isinstance(self.sampling, str) else self.sampling
+        return {"temperature": sampling.temperature, "max_tokens": sampling.max_tokens}
 
     def identity(self) -> dict:
         """The settings that change verdicts (keys the resume cache); no secrets, no tuning knobs."""
         if self.kind == "llm":
-            return {"kind": "llm", "url": self.url, "model": self.model, "prompt": self.prompt,
-                    "temperature": self.temperature}
+            fields = self.sampling_fields()
+            sampling = {"temperature": fields["temperature"]} if fields else {"sampling": "released"}
+            return {"kind": "llm", "url": self.url, "model": self.model, "prompt": self.prompt, **sampling}
         if self.kind == "reward_model":
             return {"kind": "reward_model", "model_path": self.model_path, "heads": self.heads,
                     "tie_margin": self.tie_margin, "max_length": self.max_length}
@@ -93,6 +122,10 @@ class EvaluateConfig(Section):
                                   "a null/absent answer is left out of that candidate's rates and counted as missing")
     baseline: str | None = Field("original", description="candidate before correction (improvement, copy rate)")
     treatment: str | None = Field("corrected", description="candidate after correction")
+    too_long_column: str | None = Field(
+        "too_long", description="the `correct` output's flag of rows whose prompt was over the corrector's limit (with "
+        "on_too_long: original the correction is the untouched answer): its share of the paired items is shown next "
+        "to every \"+\" when above 1 %; ignored when the input has no such column")
     zero_shot: ZeroShotConfig | None = None
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     seed: int = Field(0, description="answer-order randomisation and bootstrap")

@@ -23,6 +23,7 @@ from metaaligner.evaluation.config import OBJECTIVES_COLUMN, RATE_NAMES, Evaluat
 from metaaligner.evaluation.judges import Comparison, JudgeUnavailable, build_judge, judgeable_objectives
 from metaaligner.evaluation.report import write_reports
 from metaaligner.evaluation.stats import copy_rate, normalized_edit_distance, summarize
+from metaaligner.evaluation.too_long import flag, improvement_lines, too_long_shares
 from metaaligner.objectives import Objective, load_objective_set, parse_objective_specs
 from metaaligner.outputs import StagedOutput, check_separate
 from metaaligner.storage import Storage, StorageConfig
@@ -37,8 +38,9 @@ RESULT_SCHEMA = pa.schema([("id", pa.string()), ("objective", pa.string()), ("ca
 PREPARED_SCHEMA = pa.schema([("id", pa.string()), ("question", pa.string()), ("golden", pa.string()),
                              ("answers", pa.list_(pa.string())), ("objectives", pa.list_(pa.string())),
                              ("reason", pa.string()), ("error", pa.string()), ("hashes", pa.list_(pa.string())),
-                             ("copy_distance", pa.float64())])
-META_COLUMNS = ["id", "objectives", "reason", "error", "hashes", "copy_distance"]
+                             ("copy_distance", pa.float64()), ("too_long", pa.bool_())])
+META_COLUMNS = ["id", "objectives", "reason", "error", "hashes", "copy_distance", "too_long"]
+
 QUARANTINE_EXAMPLES = 100
 
 
@@ -103,8 +105,9 @@ def _prepare(batch: pa.Table, cfg: EvaluateConfig, defaults: list[str], known: s
                 base, treat = answers[index[cfg.baseline]], answers[index[cfg.treatment]]
                 if base is not None and treat is not None:
                     distance = normalized_edit_distance(treat, base)
+        too_long = flag(row.get(cfg.too_long_column)) if cfg.too_long_column else None
         values = (rid, question if isinstance(question, str) else None, golden if isinstance(golden, str) else None,
-                  answers, objectives, reason, error, hashes, distance)
+                  answers, objectives, reason, error, hashes, distance, too_long)
         for name, value in zip(PREPARED_SCHEMA.names, values):
             out[name].append(value)
     return pa.table(out, schema=PREPARED_SCHEMA)
@@ -309,6 +312,8 @@ def run_evaluation(cfg: EvaluateConfig, storage: Storage | StorageConfig | None 
     out.commit(summary)
     log(f"evaluate: judged {summary['judged']} comparisons ({summary['invalid']} invalid) in "
         f"{summary['wall_time_s']:.1f}s -> {cfg.output}")
+    for line in improvement_lines(report):
+        log(line)
     if invalid["count"] and invalid["fraction"] > cfg.max_invalid_fraction:
         raise TooManyInvalid(
             f"{invalid['count']} of {len(results)} verdicts ({100 * invalid['fraction']:.1f} %) are invalid "
@@ -353,6 +358,9 @@ def _report(cfg: EvaluateConfig, results: list[dict], missing: dict, meta: list[
         distances = [m["copy_distance"] for m in valid if m["copy_distance"] is not None]
         report["copy_rate"] = {"candidate": cfg.treatment, "reference": cfg.baseline,
                                **copy_rate(distances, cfg.copy_threshold)}
+    if cfg.baseline and cfg.treatment and any(m["too_long"] is not None for m in valid):
+        report["too_long"] = too_long_shares(cfg.too_long_column, cfg.baseline, cfg.treatment, outcomes, evaluated,
+                                             valid)
     if cfg.zero_shot is not None:
         zs = cfg.zero_shot
         report["zero_shot"] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from metaaligner.evaluation.stats import RATES
+from metaaligner.evaluation.too_long import too_long_note
 
 FIGSIZE, DPI = (8.0, 4.5), 100  # every plot is 800 x 450 pixels
 
@@ -30,12 +31,13 @@ def _rate_table(report: dict, name: str) -> list[str]:
         cells = [obj] + [_pct(row[c][name]) + _ci(row[c][f"{name}_ci"]) for c in cands]
         if improvement:
             imp = improvement["per_objective"].get(obj)
-            cells.append("–" if imp is None else f"{100 * imp[name]:+.1f}" + _ci(imp[f"{name}_ci"]))
+            cells.append("–" if imp is None else f"{100 * imp[name]:+.1f}" + _ci(imp[f"{name}_ci"])
+                         + too_long_note(report, obj))
         lines.append("| " + " | ".join(cells) + " |")
     avg = ["**Average**"] + [_pct(report["average"][c][name]) for c in cands]
     if improvement:
         a = improvement["average"][name]
-        avg.append("–" if a is None else f"{100 * a:+.1f}")
+        avg.append("–" if a is None else f"{100 * a:+.1f}" + too_long_note(report, None))
     return lines + ["| " + " | ".join(avg) + " |", ""]
 
 
@@ -55,6 +57,10 @@ def markdown(report: dict) -> str:
         "a non-loss). An item without a candidate's answer is left out of that candidate's rates (*missing*); the "
         "\"+\" columns compare the two candidates on the items judged for both (*paired n* below).", "",
     ]
+    if report.get("too_long") and any(too_long_note(report, o) for o in [*objectives, None]):
+        lines += [f"A \"+\" marked *too_long X %*: X % of its paired items had a prompt over the corrector's limit "
+                  f"(`{report['too_long']['column']}`); with `on_too_long: original` their correction is the "
+                  f"original answer, which pulls the \"+\" toward 0.", ""]
     for name in RATES:
         lines += _rate_table(report, name)
     header = ["Objective"] + [f"{c} W/T/L/invalid/missing" for c in cands] + (["paired n"] if improvement else [])

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from metaaligner.chat_wrapper import ChatWrapper
 from metaaligner.section import Section
 
 TemplateName = Literal["paper", "hh_rlhf", "ultrafeedback", "imhi"]
@@ -56,6 +57,10 @@ class CorrectorConfig(Section):
     template: TemplateName = Field("paper", description="prompt profile; released checkpoints use their own")
     objectives: str = Field("ultrafeedback", description="named objective set (or YAML file) for objectives given by name")
     condition: Literal["better", "equal"] = "better"
+    chat_wrapper: ChatWrapper = Field(
+        "none", description="the conversation template the model was trained with (train.chat_wrapper): none, the raw "
+                            "prompt (the paper; how the authors' inference script queries the released checkpoints); "
+                            "vicuna_v1.1, FastChat's wrapping, which trained the released checkpoints")
     trust_remote_code: bool = False
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from metaaligner.chat_wrapper import wrap
 from metaaligner.storage import Storage, StorageConfig
 from metaaligner.objectives import Objective, load_objective_set, render_objectives
 from metaaligner.prompts import PROFILES, get_template
@@ -27,7 +28,8 @@ class CorrectionPrompt:
 
 
 class Prompter:
-    """Model-free half of the corrector: objectives by name or free text, template profiles, prompt text."""
+    """Model-free half of the corrector: objectives by name or free text, template profiles, prompt text (wrapped in
+    the model's chat wrapper)."""
 
     def __init__(self, config: CorrectorConfig):
         self.config = config
@@ -69,7 +71,7 @@ class Prompter:
         cond = condition or self.config.condition
         objs = self.objectives(objectives)
         text = get_template(profile).render(cond, render_objectives(objs), question, answer)
-        return CorrectionPrompt(text, [o.name for o in objs], profile, cond)
+        return CorrectionPrompt(wrap(text, self.config.chat_wrapper), [o.name for o in objs], profile, cond)
 
 
 class Corrector:

@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from metaaligner.chat_wrapper import ChatWrapper
 from metaaligner.section import Section
+from metaaligner.training.validation import ValidationConfig
 
 STAGES = ("warmup", "equal", "contrastive")
 CPU_ATTENTION = ("sdpa", "eager", "sdpa_varlen")  # the reference (block-diagonal mask) and the fast CPU varlen path
@@ -61,6 +63,12 @@ class TrainConfig(Section):
         None, ge=1, description="examples per optimizer step over all workers (the last step of an epoch may hold "
                                 "fewer); None: a step is num_workers x grad_accum micro-batches")
     include_test_files: bool = Field(False, description="read files named test.* / test_*.* and test/ folders too")
+    chat_wrapper: ChatWrapper = Field(
+        "none", description="none: the raw prompt + target (the paper); vicuna_v1.1: FastChat's wrapping, which trained "
+                            "the released checkpoints (metaaligner.chat_wrapper); query such a model with the same "
+                            "corrector.chat_wrapper")
+    validation: ValidationConfig | None = Field(
+        None, description="rows held out of each stage's data and an eval loss every validation.eval_every steps")
     seed: int = 42
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False

@@ -162,6 +162,22 @@ def _inject(fault: dict, step_done: int, rank: int, world: int, when: str, stora
             time.sleep(0.1)
 
 
+def _validation(cfg: dict, shared: dict, rank: int, n_steps: int, start: int, log_dir: Path, logger):
+    """(Evaluator, rank 0's EvalLog) for a stage with validation rows, else (None, None)."""
+    import ray.train as rt
+
+    from metaaligner.training.validation import EvalLog, Evaluator
+
+    plan = shared.get("val_plan")
+    if plan is None:
+        return None, None
+    store = _fill_store(rt.get_dataset_shard(f"val_rank{rank}"), plan.rank_keys(rank), shared["val_keys"],
+                        shared["val_lengths"])
+    evaluator = Evaluator(plan, store, shared["val_targets"], cfg["eval_every"], n_steps, rank,
+                          collate_packed if cfg["packing"] else collate_padded, cfg["pad_id"])
+    return evaluator, (EvalLog(log_dir, start, logger.tb) if rank == 0 else None)
+
+
 def train_func(cfg: dict) -> None:
     """One Ray Train worker: build the engine, resume, run the planned steps, checkpoint, export."""
     import ray
@@ -218,6 +234,7 @@ def train_func(cfg: dict) -> None:
     store = _fill_store(rt.get_dataset_shard(f"rank{rank}"), plan.rank_keys(rank, start), shared["keys"],
                         shared["lengths"])
     logger = StepLogger(str(log_dir), start, cfg["log_sample_ids"]) if rank == 0 else None
+    evaluator, eval_log = _validation(cfg, shared, rank, n_steps, start, log_dir, logger)
     peak = peak_flops_per_worker(use_gpu, cfg["peak_tflops"])
     faults = cfg.get("faults") or []
 
@@ -293,6 +310,13 @@ def train_func(cfg: dict) -> None:
                           f"gnorm {metrics['grad_norm']:.3f} {metrics['tokens_per_s']:.0f} tok/s "
                           f"mfu {metrics['mfu']:.1%} (anchor convention: {metrics['mfu_anchor']:.1%})", flush=True)
                 window_start, window_t0 = step + 1, time.perf_counter()
+            if evaluator is not None and evaluator.due(step + 1):
+                eval_loss = evaluator.loss(engine, device, cfg["attn_implementation"] in VARLEN_BACKENDS)
+                if rank == 0:
+                    eval_log.log(step + 1, eval_loss, len(shared["val_keys"]))
+                    print(f"[{stage}] step {step + 1}/{n_steps} eval loss {eval_loss:.4f} "
+                          f"({len(shared['val_keys'])} validation examples)", flush=True)
+                window_start, window_t0 = step + 1, time.perf_counter()  # eval time is not step time
             every = cfg["checkpoint_every"]
             if step + 1 < n_steps and every and (step + 1) % every == 0:  # config: every > 0 needs save_checkpoints
                 save(step + 1, metrics)

@@ -9,8 +9,10 @@ Policy (max_length counts prompt + target + EOS):
    as `prompt_too_long`;
 4. a row with an empty/null prompt or target is dropped and counted as `empty_field`.
 Rows outside the stage's seeded `fraction` are counted as `not_sampled` (so `rows_read` is every row of the
-files the stage read). Rows are identified by a 63-bit key hashed from their `id`, so the sample order is independent of
-the order in which files are read.
+files the stage read). Sampled rows that `train.validation` holds out are tokenized the same way and counted as
+`validation`: they are evaluated, never trained. With `train.chat_wrapper` the prompt is wrapped (metaaligner.
+chat_wrapper) before it is tokenized. Rows are identified by a 63-bit key hashed from their `id`, so the sample order
+is independent of the order in which files are read.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from metaaligner.chat_wrapper import wrap
 from metaaligner.prompts import truncate_weak_answer
 
 REQUIRED_COLUMNS = ("id", "subset", "prompt", "weak_answer", "target")
-STATUSES = ("ok", "truncated", "target_too_long", "prompt_too_long", "empty_field", "not_sampled")
+STATUSES = ("ok", "truncated", "target_too_long", "prompt_too_long", "empty_field", "not_sampled", "validation")
 DROPPED = ("target_too_long", "prompt_too_long", "empty_field")
 KEPT = ("ok", "truncated")
 
@@ -54,9 +57,11 @@ def tokenize_example(tokenizer, prompt: str, weak_answer: str, target: str, max_
     return prompt_ids + target_ids, len(prompt_ids), "truncated"
 
 
-def tokenize_batch(batch: pa.Table, tokenizer, max_length: int, fraction: float, copy_target: bool, seed: int) -> pa.Table:
+def tokenize_batch(batch: pa.Table, tokenizer, max_length: int, fraction: float, copy_target: bool, seed: int,
+                   chat_wrapper: str = "none", validation=None) -> pa.Table:
     """Ray Data map_batches UDF: tokenises the seeded `fraction` of rows (the others are counted as not_sampled);
-    copy_target: warm-up rows (target := weak answer)."""
+    copy_target: warm-up rows (target := weak answer); `validation` (training.validation.Selection) marks the rows
+    held out for the eval loss."""
     ids = batch.column("id").to_pylist()
     prompts = batch.column("prompt").to_pylist()
     weak = batch.column("weak_answer").to_pylist()
@@ -68,7 +73,9 @@ def tokenize_batch(batch: pa.Table, tokenizer, max_length: int, fraction: float,
         elif not p or not t:
             tokens, plen, status = None, 0, "empty_field"
         else:
-            tokens, plen, status = tokenize_example(tokenizer, p, w or "", t, max_length)
+            tokens, plen, status = tokenize_example(tokenizer, wrap(p, chat_wrapper), w or "", t, max_length)
+            if validation is not None and status in KEPT and validation.selects(rid):
+                status = "validation"
         out["key"].append(row_key(rid))
         out["id"].append(str(rid))
         out["input_ids"].append(tokens or [])
@@ -85,7 +92,7 @@ def tokenize_batch(batch: pa.Table, tokenizer, max_length: int, fraction: float,
 
 
 def tokenize_dataset(files: list[str], filesystem, tokenizer, max_length: int, fraction: float, copy_target: bool,
-                     seed: int, batch_size: int = 1024):
+                     seed: int, batch_size: int = 1024, chat_wrapper: str = "none", validation=None):
     """Read the stage's Parquet files and tokenise them with Ray Data; returns a materialised dataset."""
     import ray.data
 
@@ -93,7 +100,7 @@ def tokenize_dataset(files: list[str], filesystem, tokenizer, max_length: int, f
     ds = ds.map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=batch_size,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "fraction": fraction,
-                   "copy_target": copy_target, "seed": seed},
+                   "copy_target": copy_target, "seed": seed, "chat_wrapper": chat_wrapper, "validation": validation},
     )
     return ds.materialize()
 
@@ -106,12 +113,14 @@ def collect_index(ds) -> dict:
             cols[k].append(batch[k])
     arrays = {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
     counts = {s: int((arrays["status"] == s).sum()) for s in STATUSES}
-    keep = np.isin(arrays["status"], list(KEPT))
-    kept_keys = arrays["key"][keep].astype(np.int64)
-    if len(np.unique(kept_keys)) != len(kept_keys):
-        dup = [i for i, c in zip(*np.unique(arrays["id"][keep], return_counts=True)) if c > 1][:5]
+    used = np.isin(arrays["status"], [*KEPT, "validation"])
+    if len(np.unique(arrays["key"][used])) != int(used.sum()):
+        dup = [i for i, c in zip(*np.unique(arrays["id"][used], return_counts=True)) if c > 1][:5]
         raise ValueError(f"duplicate row ids in the training data (e.g. {dup}); ids must be unique")
+    keep, held = np.isin(arrays["status"], list(KEPT)), arrays["status"] == "validation"
     return {
-        "keys": kept_keys, "lengths": arrays["length"][keep].astype(np.int64),
+        "keys": arrays["key"][keep].astype(np.int64), "lengths": arrays["length"][keep].astype(np.int64),
         "n_target": arrays["n_target"][keep].astype(np.int64), "counts": counts, "rows": int(len(arrays["key"])),
+        "val_keys": arrays["key"][held].astype(np.int64), "val_lengths": arrays["length"][held].astype(np.int64),
+        "val_n_target": arrays["n_target"][held].astype(np.int64),
     }

@@ -20,6 +20,7 @@ from metaaligner.training.metrics import ANCHOR_CONVENTION, CONVENTION, ModelSha
 from metaaligner.training.packing import plan_stage, step_stats
 from metaaligner.training.tokenize import DROPPED, REQUIRED_COLUMNS, collect_index, tokenize_dataset
 from metaaligner.training.tokens import select_keys
+from metaaligner.training import validation as val
 
 # The paper (§3.2.2): the warm-up subset is a random sample of the equal subset, with identical targets.
 SUBSETS = {"warmup": ("equal",), "equal": ("equal",), "contrastive": ("contrastive",)}
@@ -103,7 +104,8 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
     meta_dir = local_model_dir(model_uri, storage, weights=False)
     tokenizer = load_tokenizer(meta_dir, cfg.trust_remote_code)
     fs, _ = storage.filesystem(cfg.data)
-    data = tokenize_dataset(files, fs, tokenizer, cfg.max_length, scfg.fraction, stage == "warmup", cfg.seed)
+    data = tokenize_dataset(files, fs, tokenizer, cfg.max_length, scfg.fraction, stage == "warmup", cfg.seed,
+                            chat_wrapper=cfg.chat_wrapper, validation=val.selection(cfg.validation, files, fs))
     index = collect_index(data)
     if len(index["keys"]) == 0:
         raise ValueError(f"stage {stage!r}: no training examples left after filtering "
@@ -118,7 +120,10 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
     plan_digest = hashlib.sha256(plan.digest_payload() + json.dumps(
         [ds_config, model_uri, ds.precision], sort_keys=True).encode()).hexdigest()[:16]
     # The plan travels through the object store, not inside the loop config (it grows with the data).
-    plan_ref = ray.put({"plan": plan, "stats": stats, "keys": index["keys"], "lengths": index["lengths"]})
+    val_plan = val.validation_plan(index, cfg.packing, cfg.token_budget, world)
+    plan_ref = ray.put({"plan": plan, "stats": stats, "keys": index["keys"], "lengths": index["lengths"],
+                        "val_plan": val_plan, "val_keys": index["val_keys"], "val_lengths": index["val_lengths"],
+                        "val_targets": val.targets_of(index)})
 
     out = StagedOutput(stage_dir(cfg, stage), job=f"train-{stage}", storage=storage)
     storage_path, storage_fs = _ray_storage(cfg.checkpoint_root, storage)
@@ -132,12 +137,14 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
         "checkpoint_upload_attempts": cfg.checkpoint_upload_attempts, "log_every": cfg.log_every,
         "log_sample_ids": cfg.log_sample_ids, "export_uri": out.path("model"), "logs_uri": out.path("logs"),
         "export_dtype": cfg.export_dtype, "faults": faults,
+        "eval_every": cfg.validation.eval_every if cfg.validation else 0,
     }
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
     # Each worker's stream holds only the examples it trains: a light filter in Ray Data tasks next to the data,
     # reserving no CPU so that it also runs when the training workers hold every CPU of the cluster.
     shards = {f"rank{r}": data.map_batches(select_keys, batch_format="pyarrow", batch_size=4096, num_cpus=0,
                                             fn_kwargs={"keys": plan.rank_keys(r)}) for r in range(world)}
+    shards.update(val.shards(data, val_plan, world, select_keys))
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -152,12 +159,15 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
         ),
         datasets=shards, dataset_config=rt.DataConfig(datasets_to_split=[]),
     )
-    print(f"[{stage}] {len(index['keys'])} examples, {len(plan)} steps, {world} workers, model {model_uri}", flush=True)
+    print(f"[{stage}] {len(index['keys'])} examples ({len(index['val_keys'])} held out for validation), {len(plan)} "
+          f"steps, {world} workers, model {model_uri}", flush=True)
     try:
         result = trainer.fit()
         if result.error:
             raise RuntimeError(f"stage {stage!r} failed: {result.error}")
         records = [json.loads(ln) for ln in storage.read_text(out.path("logs", "metrics.jsonl")).splitlines() if ln]
+        evals = ([json.loads(ln) for ln in storage.read_text(out.path("logs", val.EVAL_LOG)).splitlines() if ln]
+                 if val_plan is not None else [])
     except Exception as e:
         raise out.fail(e) from e
     steady = records[1:] or records
@@ -184,6 +194,7 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "resumed_from_step": (result.metrics or {}).get("resumed_from"),
         "digest": digest, "wall_time_s": time.time() - started, "ray_version": ray.__version__,
+        "chat_wrapper": cfg.chat_wrapper, **val.summary(evals, len(index["val_keys"]), cfg.validation),
     }
     out.commit(summary)
     return {**summary, "run_id": out.run_id}

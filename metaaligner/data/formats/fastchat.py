@@ -2,7 +2,10 @@
 
 A row is `{"id": n, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": target}]}`.
 The condition, the objectives and the weak answer are read back from the prompt, which must be one of our
-templates filled in (the paper's and every released checkpoint's, both conditions).
+templates filled in (the paper's and every released checkpoint's, both conditions). A prompt that lists no
+objectives is kept as released (the authors' HH-RLHF equal items list the objectives the rejected answer won, often
+none; their UltraFeedback script writes a contrastive item without objectives for a pair whose ratings all tie) and
+counted as `empty_objectives`.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
 
 
 def objective_names(aspects: str, objectives: ObjectiveSet) -> list[str]:
-    """'Name: description; Name: description' -> names, in prompt order (a description may contain '; ')."""
+    """'Name: description; Name: description' -> names, in prompt order (a description may contain '; '); blank
+    aspects -> []."""
     entries: list[str] = []
     for piece in aspects.split(SEPARATOR):
         if ": " in piece or not entries:
@@ -95,8 +99,6 @@ def objective_names(aspects: str, objectives: ObjectiveSet) -> list[str]:
         else:
             entries[-1] += SEPARATOR + piece
     names = [e.split(": ", 1)[0].strip() for e in entries if e.strip()]
-    if not names:
-        raise Rejected("no_objectives", "the prompt lists no objectives")
     unknown = [n for n in names if n not in objectives]
     if unknown:
         raise Rejected("unknown_objective", f"objectives {short_repr(unknown)} are not in set {objectives.name!r} "
@@ -127,7 +129,8 @@ def _row_id(record: dict, prompt: str, target: str) -> str:
 
 
 def fastchat(record: dict, objectives: ObjectiveSet, stats: Counter) -> list[dict]:
-    """One released row -> one item (ITEM_SCHEMA), its prompt kept verbatim."""
+    """One released row -> one item (ITEM_SCHEMA), its prompt kept verbatim (no objectives: counted in
+    `empty_objectives`)."""
     conversations = record.get("conversations")
     if isinstance(conversations, str):  # CSV cells and some exports hold the list as JSON text
         conversations = parse_json(conversations, "conversations")
@@ -142,6 +145,8 @@ def fastchat(record: dict, objectives: ObjectiveSet, stats: Counter) -> list[dic
         raise Rejected("empty_field", "the prompt's question is empty")
     names = objective_names(parsed.aspects, objectives)
     item_id = _row_id(record, prompt, target)
+    if not names:
+        stats["empty_objectives"] += 1
     return [{"id": item_id, "pair_id": item_id, "subset": SUBSET_OF[parsed.condition], "condition": parsed.condition,
              "objectives": names, "prompt": prompt, "weak_answer": parsed.answer, "target": target,
              "template": parsed.profile}]

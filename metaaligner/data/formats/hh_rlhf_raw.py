@@ -1,5 +1,16 @@
 """The `hh_rlhf_raw` input format: Anthropic/hh-rlhf rows (`chosen`, `rejected` transcripts) -> one prompt and two
-responses, with a quarantine reason for every row that cannot be split."""
+responses, with a quarantine reason for every row that cannot be split.
+
+Two splits (`score.split`):
+- `reference` (as the MetaAligner reference's `prepare_dataset_with_rewards.py`): the prompt is the chosen
+  transcript up to its last "\n\nAssistant:" with a space inserted before that marker, each response is what
+  follows its transcript's last marker, stripped. Like the reference it checks nothing else: a transcript without
+  an assistant turn gives the prompt " \n\nAssistant:" and the whole transcript (stripped) as the response, the
+  rejected transcript's own prompt is not compared, and a human turn after the last assistant turn stays in the
+  response; such rows are kept and counted by their `note`.
+- `plain`: the prompt runs up to and including the last marker and the response is the rest (prompt + response is
+  the transcript again); both prompts must match, and rows that cannot be split that way are quarantined.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +27,9 @@ SPLIT_SCHEMA = pa.schema([
     ("prompt", pa.string()),
     ("chosen_response", pa.string()),
     ("rejected_response", pa.string()),
+    ("chosen", pa.string()),  # the transcripts as read (token counts, quarantine records)
+    ("rejected", pa.string()),
+    ("note", pa.string()),  # reference split: what the reference lets through (no_assistant_turn, ...), else null
     ("reason", pa.string()),  # null for a usable row
     ("detail", pa.string()),
     ("record", pa.string()),  # the original row as JSON (quarantined rows only)
@@ -34,11 +48,8 @@ def split_transcript(text: str, field: str) -> tuple[str, str]:
     return text[:end], text[end:]
 
 
-def split_pair(record: dict) -> tuple[str, str, str]:
-    """(prompt, chosen_response, rejected_response) of one hh-rlhf row, or Rejected.
-
-    Both transcripts must share the prompt exactly; otherwise the row is a `prompt_mismatch`.
-    """
+def transcripts(record: dict) -> tuple[str, str]:
+    """(chosen, rejected) of one hh-rlhf row as text, or Rejected."""
     texts = []
     for field in ("chosen", "rejected"):
         value = record.get(field)
@@ -49,12 +60,40 @@ def split_pair(record: dict) -> tuple[str, str, str]:
         if not is_utf8(value):
             raise Rejected("invalid_utf8", f"{field} holds a lone surrogate (text that is not valid UTF-8)")
         texts.append(value)
-    (prompt, chosen), (other, rejected) = split_transcript(texts[0], "chosen"), split_transcript(texts[1], "rejected")
+    return texts[0], texts[1]
+
+
+def split_pair(record: dict) -> tuple[str, str, str]:
+    """(prompt, chosen_response, rejected_response) of one hh-rlhf row by the plain split, or Rejected.
+
+    Both transcripts must share the prompt exactly; otherwise the row is a `prompt_mismatch`.
+    """
+    chosen_text, rejected_text = transcripts(record)
+    (prompt, chosen), (other, rejected) = (split_transcript(chosen_text, "chosen"),
+                                           split_transcript(rejected_text, "rejected"))
     if prompt != other:
         at = next((i for i, (a, b) in enumerate(zip(prompt, other)) if a != b), min(len(prompt), len(other)))
         raise Rejected("prompt_mismatch", f"chosen and rejected differ before their last assistant turn "
                                           f"(first difference at character {at})")
     return prompt, chosen, rejected
+
+
+def reference_split(record: dict) -> tuple[str, str, str, str | None]:
+    """(prompt, chosen_response, rejected_response, note) of one hh-rlhf row as the reference splits it."""
+    chosen_text, rejected_text = transcripts(record)
+    *before, chosen = chosen_text.split(ASSISTANT)
+    *other, rejected = rejected_text.split(ASSISTANT)
+    note = None
+    if not before:
+        note = "no_assistant_turn"
+    elif other != before:
+        note = "prompt_mismatch"
+    elif HUMAN in chosen or HUMAN in rejected:
+        note = "final_human_turn"
+    return ASSISTANT.join(before) + " " + ASSISTANT, chosen.strip(), rejected.strip(), note
+
+
+SPLITS = {"plain": lambda record: (*split_pair(record), None), "reference": reference_split}
 
 
 def _decode(row: dict, json_lines: bool) -> dict:
@@ -76,7 +115,7 @@ def _original(row: dict, json_lines: bool):
     return line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
 
 
-def split_batch(batch: pa.Table, json_lines: bool) -> pa.Table:
+def split_batch(batch: pa.Table, json_lines: bool, split: str = "plain") -> pa.Table:
     """Ray Data batch function: raw rows -> SPLIT_SCHEMA rows (one per input row, bad rows carry a reason)."""
     sources = batch.column(PATH_COLUMN).to_pylist() if PATH_COLUMN in batch.column_names else None
     if sources is not None:
@@ -84,12 +123,14 @@ def split_batch(batch: pa.Table, json_lines: bool) -> pa.Table:
     columns: dict[str, list] = {name: [] for name in SPLIT_SCHEMA.names}
     for i, row in enumerate(batch.to_pylist()):
         try:
-            texts, problem = split_pair(_decode(row, json_lines)), None
+            record = _decode(row, json_lines)
+            texts, problem = (*SPLITS[split](record), *transcripts(record)), None
         except Rejected as r:
-            texts, problem = (None, None, None), (r.reason, r.detail)
+            texts, problem = (None,) * 6, (r.reason, r.detail)
         except Exception as e:  # noqa: BLE001 — any failure on one row is quarantined, never fatal
-            texts, problem = (None, None, None), ("internal_error", f"{type(e).__name__}: {e}")
-        for name, value in zip(("prompt", "chosen_response", "rejected_response"), texts):
+            texts, problem = (None,) * 6, ("internal_error", f"{type(e).__name__}: {e}")
+        for name, value in zip(("prompt", "chosen_response", "rejected_response", "note", "chosen", "rejected"),
+                               texts):
             columns[name].append(value)
         columns["reason"].append(problem and problem[0])
         columns["detail"].append(problem and utf8_safe(problem[1]))

@@ -24,11 +24,12 @@ class InputFormat:
     adapt: Callable[[dict, ObjectiveSet, Counter], list[dict]]
     test_rows: Callable[[dict, list[Pair], ObjectiveSet], list[dict]] | None  # None: no held-out split
     gives_items: bool = False  # rows are already correction items: no pair validation, no Algorithm 1
+    question_field: str | None = None  # the raw row's field that becomes the pair's question (holdout last_n)
 
 
 FORMATS: dict[str, InputFormat] = {
-    "canonical": InputFormat(canonical, canonical_test_rows),
-    "ultrafeedback": InputFormat(ultrafeedback, ultrafeedback_test_rows),
-    "hh_rlhf_scores": InputFormat(hh_rlhf_scores, hh_rlhf_test_rows),
+    "canonical": InputFormat(canonical, canonical_test_rows, question_field="question"),
+    "ultrafeedback": InputFormat(ultrafeedback, ultrafeedback_test_rows, question_field="instruction"),
+    "hh_rlhf_scores": InputFormat(hh_rlhf_scores, hh_rlhf_test_rows, question_field="prompt"),
     "fastchat": InputFormat(fastchat, None, gives_items=True),
 }

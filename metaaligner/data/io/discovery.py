@@ -25,9 +25,10 @@ def is_hf_dataset(uri: str) -> bool:
 
 
 def _is_test_file(relative: str) -> bool:
-    """A held-out split by its name: a file `test.*` or `test_*.*`, or anything inside a folder named `test`."""
+    """A held-out split by its name: a file `test.*`, `test_*.*` or `test-*.*` (Hugging Face shards such as
+    `test-00000-of-00001.parquet`), or anything inside a folder named `test`."""
     *folders, name = relative.split("/")
-    return "test" in folders or name.startswith("test.") or (name.startswith("test_") and "." in name)
+    return "test" in folders or name.startswith("test.") or (name.startswith(("test_", "test-")) and "." in name)
 
 
 def _parent(uri: str) -> str | None:
@@ -57,8 +58,8 @@ def discover(uri: str, storage: Storage, kinds: tuple[str, ...] = tuple(SUFFIXES
     fails when nothing readable is there or kinds are mixed.
 
     Reads only what an output's `_SUCCESS` manifest lists (see metaaligner.outputs). With `skip_test_files`
-    (reformulate and train), files named `test.*` / `test_*.*` and folders named `test` found inside a folder are
-    left out and logged, so a test split is never mixed into training.
+    (reformulate and train), files named `test.*` / `test_*.*` / `test-*.*` and folders named `test` found inside a
+    folder are left out and logged, so a test split is never mixed into training.
     """
     suffixes = tuple(s for k in kinds for s in SUFFIXES[k])
     files = _listed(uri, storage, suffixes)
@@ -78,11 +79,14 @@ def discover(uri: str, storage: Storage, kinds: tuple[str, ...] = tuple(SUFFIXES
 
 
 def read_files(kind: str, files: list[str], filesystem) -> ray.data.Dataset:
-    """Streamed reads; JSON lines come in as text so one bad line is quarantined instead of failing the read."""
+    """Streamed reads; JSON rows (lines, or the elements of one array per file) come in as raw text so one bad row
+    is quarantined instead of failing the read."""
     if kind == "parquet":
         return ray.data.read_parquet(files, filesystem=filesystem, include_paths=True)
     if kind == "jsonl":
-        return ray.data.read_text(files, filesystem=filesystem, include_paths=True, drop_empty_lines=True)
+        from metaaligner.data.io.sources import json_rows_dataset
+
+        return json_rows_dataset(files, filesystem)
     import pyarrow.csv as pacsv
 
     return ray.data.read_csv(files, filesystem=filesystem, include_paths=True,

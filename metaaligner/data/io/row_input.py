@@ -1,9 +1,10 @@
 """Row input for `correct` and `evaluate`: one reader, one rule for rows that cannot be read.
 
-Parquet is read as columns, CSV with every column as text (quoted cells may span lines), JSON lines as raw lines
-that `parse_rows` decodes one by one: a line that is not a JSON object becomes a quarantine record (reason, detail,
-the line as read, its file) instead of failing the read, and counts against the job's `max_bad_fraction`. Decoded
-JSON rows become string columns (`rows_table`), as CSV cells do.
+Parquet is read as columns, CSV with every column as text (quoted cells may span lines), JSON as raw rows (JSON
+Lines, or the elements of a `.json` file holding one array, as FastChat files are) that `parse_rows` decodes one by
+one: a row that is not a JSON object becomes a quarantine record (reason, detail, the row as read, its file)
+instead of failing the read, and counts against the job's `max_bad_fraction`. Decoded JSON rows become string
+columns (`rows_table`), as CSV cells do.
 """
 
 from __future__ import annotations
@@ -14,23 +15,23 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from metaaligner.data.contract import Rejected, decode_record, record_json, utf8_safe
+from metaaligner.data.io import json_rows
 from metaaligner.data.io.discovery import discover
+from metaaligner.data.io.sources import PATH, TEXT, json_rows_dataset, jsonl_lines
 from metaaligner.data.io.text_csv import read_text_csv
 from metaaligner.storage import Storage
 
 KINDS = ("parquet", "jsonl", "csv")
-LINE, PATH = "text", "path"  # the columns of JSON lines read as text (Ray Data's names)
-_FIRST_RECORD_BYTES = 16 << 20
 
 
 @dataclass
 class RowInput:
     """The input as a Ray dataset, with what the jobs check before any work starts."""
 
-    dataset: object  # ray.data.Dataset: Arrow rows, or JSON lines (`text`, `path`) for kind "jsonl"
+    dataset: object  # ray.data.Dataset: Arrow rows, or JSON rows (`text`, `path`) for kind "jsonl"
     files: list[str]
     kind: str
-    columns: set[str]  # the input's column names (JSON lines: the keys of the first record)
+    columns: set[str]  # the input's column names (JSON: the keys of the first record)
 
 
 def read_row_input(uri: str, storage: Storage) -> RowInput:
@@ -46,23 +47,23 @@ def read_row_input(uri: str, storage: Storage) -> RowInput:
     if kind == "csv":
         ds = read_text_csv(files, fs)
         return RowInput(ds, files, kind, set(ds.schema().names))
-    ds = ray.data.read_text(files, filesystem=fs, include_paths=True, drop_empty_lines=True)
-    return RowInput(ds, files, kind, set(_first_record(fs, files[0])))
+    return RowInput(json_rows_dataset(files, fs), files, kind, set(_first_record(fs, files[0])))
 
 
 def parse_rows(batch: pa.Table, kind: str) -> tuple[list[dict], list[dict]]:
-    """(rows, quarantine records) of one batch. Columnar rows pass as they are; each JSON line is decoded, and a
-    line that is not valid UTF-8 JSON holding an object is quarantined with its reason."""
+    """(rows, quarantine records) of one batch. Columnar rows pass as they are; each JSON row is decoded, and a
+    row that is not valid UTF-8 JSON holding an object is quarantined with its reason."""
     if kind != "jsonl":
         return batch.to_pylist(), []
-    lines = batch.column(LINE).to_pylist()
+    lines = batch.column(TEXT).to_pylist()
     paths = batch.column(PATH).to_pylist() if PATH in batch.column_names else [""] * len(lines)
     rows, quarantined = [], []
     for line, path in zip(lines, paths):
         try:
             rows.append(decode_record(line))
         except Rejected as r:
-            quarantined.append(quarantine_record(r.reason, r.detail, line, path))
+            as_read = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
+            quarantined.append(quarantine_record(r.reason, r.detail, as_read, path))
     return rows, quarantined
 
 
@@ -85,19 +86,12 @@ def quarantine_record(reason: str, detail: str, record, source: str | None) -> d
 
 
 def _first_record(fs, path: str) -> dict:
-    """The first JSON object of a JSON Lines file, reading at most 16 MiB."""
-    data = b""
-    with fs.open_input_stream(path) as f:
-        while len(data) < _FIRST_RECORD_BYTES:
-            chunk = f.read(1 << 16)
-            data += chunk
-            if any(ln.strip() for ln in data.split(b"\n")[:-1]) or not chunk:
-                break
-    first = next((ln for ln in data.split(b"\n") if ln.strip()), b"")
+    """The first JSON object of a JSON file (its first line, or its array's first element)."""
+    first = next(iter(next(json_rows.rows_of_file(fs, path, 1, jsonl_lines), [])), b"")
     try:
         record = json.loads(first)
     except ValueError:
         record = None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}: the first line is not a JSON object")
+        raise ValueError(f"{path}: the first row is not a JSON object")
     return record

@@ -3,7 +3,8 @@
 A source is one input file, or one block of an in-memory dataset, named by its index in the run's source
 list (the file index: no per-row path strings travel with the data). Rows are numbered from 0 within their
 source, in the order every pass reads them, so (source, row) locates a row for the duplicate check.
-JSON lines come out as bytes, so that a bad line (invalid UTF-8 included) is one quarantined row. Reading
+JSON lines (and the elements of a `.json` file holding one array, data.io.json_rows) come out as bytes, so that a
+bad line (invalid UTF-8 included) is one quarantined row. Reading
 errors are classified: a storage outage propagates, anything else is the file's `BadInputFile`.
 """
 
@@ -15,6 +16,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from metaaligner.data.io import json_rows
 
 _CHUNK = 4 << 20
 _OUTAGE_MARKERS = ("NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN", "REQUEST_TIMEOUT",
@@ -146,13 +149,31 @@ def _csv(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[
 
 
 def _jsonl(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[list]:
-    yield from jsonl_lines(fs, path, batch_size)  # raw lines: each line is decoded by the per-row path
+    """Raw rows, each decoded by the per-row path: JSON lines, or the elements of a file holding one JSON array."""
+    yield from json_rows.rows_of_file(fs, path, batch_size, jsonl_lines)
 
 
 _READERS = {"parquet": _parquet, "csv": _csv, "jsonl": _jsonl}
 
 
 SOURCE_COLUMN = "source"  # the column of source indices in `index_dataset` blocks
+TEXT, PATH = "text", "path"  # the columns of `json_rows_dataset` (Ray Data's read_text names)
+
+
+def _file_rows(batch: pa.Table, fs, rows_per_block: int) -> Iterator[pa.Table]:
+    for path in batch.column(PATH).to_pylist():
+        for rows in _jsonl(fs, path, rows_per_block, None):
+            yield pa.table({TEXT: pa.array(rows, pa.binary()), PATH: pa.array([path] * len(rows), pa.string())})
+
+
+def json_rows_dataset(files: list[str], fs, rows_per_block: int = 4096):
+    """A Ray dataset of the JSON rows of `files` (JSON Lines or one array per file): `text`, one JSON value's
+    bytes, and `path`, its file; one read task per file. For `correct`, `evaluate` and `score`."""
+    import ray
+
+    paths = ray.data.from_items([{PATH: f} for f in files], override_num_blocks=max(1, len(files)))
+    return paths.map_batches(_file_rows, batch_size=1, batch_format="pyarrow",
+                             fn_kwargs={"fs": fs, "rows_per_block": rows_per_block})
 
 
 def index_dataset(column: str, values: list):

@@ -17,9 +17,9 @@ import pyarrow as pa
 
 from metaaligner.data.contract import ITEM_SCHEMA, QUARANTINE_SCHEMA, SUBSETS, TEST_SCHEMA, TEST_SUBSET
 from metaaligner.data.io.columns import python_rows
-from metaaligner.data.reformulate.column_algorithm import VectorAlgorithm
+from metaaligner.data.reformulate.column_algorithm import BETTER_1, BETTER_2, EQUAL, VectorAlgorithm
 from metaaligner.data.reformulate.column_checks import CanonicalColumns
-from metaaligner.data.reformulate.holdout import HoldoutSplit
+from metaaligner.data.reformulate.holdout import HoldoutSplit, QuestionOverlap
 from metaaligner.data.reformulate.oracle import BatchResult, Reformulator
 from metaaligner.data.reformulate.owners import AllOwners
 from metaaligner.objectives import ObjectiveSet
@@ -35,6 +35,7 @@ class BatchOutput:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, dict] = field(default_factory=dict)  # first quarantine record per reason
     vector_rows: int = 0  # rows that took the column path (for the summary and the benchmark)
+    overlap: QuestionOverlap = field(default_factory=QuestionOverlap)  # trained and held-out questions
 
     def add_rows(self, result: BatchResult) -> None:
         """Merge the per-row path's output."""
@@ -46,6 +47,10 @@ class BatchOutput:
         self.counts.update(result.counts)
         for reason, example in result.examples.items():
             self.examples.setdefault(reason, example)
+        if result.questions["trained"]:
+            self.overlap.add_training(result.questions["trained"], result.questions["items"])
+        if result.questions["held"]:
+            self.overlap.add_held(result.questions["held"])
 
 
 class VectorReformulator:
@@ -77,10 +82,9 @@ class VectorReformulator:
             if mapped is not None:
                 pairs, ok = mapped
                 vector = ok & active
-                if self.split.fraction and vector.any():
+                if self.split.active and vector.any():
                     rows = np.nonzero(vector)[0]
-                    questions = pairs.question.take(pa.array(rows, pa.int64())).to_pylist()
-                    held = np.fromiter((self.split.held_out(q) for q in questions), dtype=bool, count=len(rows))
+                    held = self.split.held_out_many(pairs.question.take(pa.array(rows, pa.int64())))
                     vector[rows[held]] = False  # evaluation rows come from the format's own test_rows
                 if vector.all():
                     self._columns(pairs, out)
@@ -107,3 +111,7 @@ class VectorReformulator:
         for key in ("rows_read", "rows_adapted", "pairs_total", "valid_pairs", "training_pairs"):
             out.counts[key] += n
         out.vector_rows += n
+        if self.split.active:  # without a held-out set no training item can share a question with it
+            symbols = pairs.symbols  # one item per non-empty group: better-1, better-2, equal
+            items = sum((symbols == code).any(axis=1).astype(np.int64) for code in (BETTER_1, BETTER_2, EQUAL))
+            out.overlap.add_training(pairs.question, items)

@@ -19,6 +19,7 @@ from metaaligner.data.io import discovery
 from metaaligner.data.io.sources import SOURCE_COLUMN, BadInputFile, Sources, index_dataset
 from metaaligner.data.reformulate.batch import VectorReformulator
 from metaaligner.data.reformulate.holdout import HoldoutSplit
+from metaaligner.data.reformulate.holdout_questions import build_split, describe
 from metaaligner.data.reformulate.oracle import DUPLICATE_ID
 from metaaligner.data.reformulate.resolve import resolve
 from metaaligner.data.reformulate.sink import ReformulationSink, TaskResult
@@ -30,12 +31,15 @@ log = logging.getLogger(__name__)
 JOB = "reformulate"
 
 
-def summarize(result: TaskResult, wall_time_s: float, cfg: ReformulateConfig, files: int | None) -> dict:
+def summarize(result: TaskResult, wall_time_s: float, cfg: ReformulateConfig, files: int | None,
+              split: HoldoutSplit | None = None) -> dict:
     """The `_summary.json` contents. Invariants (any format):
     rows_read = rows_adapted + rows_quarantined; pairs_total = valid_pairs + pairs_quarantined;
     valid_pairs = training_pairs + holdout_pairs; quarantined = rows_quarantined + pairs_quarantined +
     test_rows_quarantined. One canonical / hh_rlhf_scores / fastchat row is one pair, so there
-    rows_read = valid_pairs + quarantined."""
+    rows_read = valid_pairs + quarantined. `training_items_sharing_heldout_question` counts the training items whose
+    question (whitespace collapsed) is a held-out one, checked apart from the split's decision: 0 unless the split
+    let a near-duplicate through."""
     counts = result.counts
 
     def prefixed(prefix: str) -> dict:
@@ -52,11 +56,14 @@ def summarize(result: TaskResult, wall_time_s: float, cfg: ReformulateConfig, fi
         "input": cfg.input, "output": cfg.output, "format": cfg.format, "objectives": cfg.objectives,
         "template": cfg.template, "seed": cfg.seed, "score_decimals": cfg.tie_decimals,
         "holdout_fraction": cfg.holdout_fraction, "split_seed": cfg.split_seed,
+        "holdout": describe(cfg, split) if split is not None else None,
+        "training_items_sharing_heldout_question": result.overlap.shared_items(split.keys if split else None),
         "max_bad_fraction": cfg.max_bad_fraction, "on_bad_file": cfg.on_bad_file,
         "files": files, "bad_files": result.bad_files,
         **{k: counts[k] for k in ("rows_read", "rows_adapted", "rows_quarantined", "rows_bad", "pairs_total",
                                   "valid_pairs", "pairs_quarantined", "training_pairs", "holdout_pairs", "test_rows",
-                                  "holdout_no_golden", "test_rows_quarantined", "ratings_non_numeric")},
+                                  "holdout_no_golden", "test_rows_quarantined", "ratings_non_numeric",
+                                  "empty_objectives")},
         "bad_fraction": round(counts["rows_bad"] / rows_read, 6) if rows_read else 0.0,
         "duplicates": quarantined.get(DUPLICATE_ID, 0),
         "quarantined": sum(quarantined.values()),
@@ -144,11 +151,11 @@ def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig |
         early = pool.submit(find_in_driver, sources, row_ids, local_limit)
         _local_ray()
         early = early.result()
+    split = build_split(cfg, sources, storage)  # last_n / questions_from: their question set, before any item
     timings = {"ray_ready_s": round(time.perf_counter() - started, 3)}
     output = StagedOutput(cfg.output, job=JOB, storage=storage)
     scratch = st.join(output.uri, STAGING, f"{output.run_id}-duplicates")  # cleaned with _staging/
-    reformulator = VectorReformulator(cfg.format, objectives, template, cfg.seed, cfg.tie_decimals,
-                                      HoldoutSplit(cfg.holdout_fraction, cfg.split_seed))
+    reformulator = VectorReformulator(cfg.format, objectives, template, cfg.seed, cfg.tie_decimals, split)
     log.info("reformulating %s (%s, %s) -> %s (staging %s)", cfg.input, sources.kind or "dataset", cfg.format,
              cfg.output, output.staging_uri)
     try:
@@ -168,7 +175,7 @@ def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig |
         raise output.fail(_root_cause(e)) from e
 
     files = len(sources) if sources.kind else None
-    summary = {**summarize(result, time.perf_counter() - started, cfg, files), "run_id": output.run_id,
+    summary = {**summarize(result, time.perf_counter() - started, cfg, files, split), "run_id": output.run_id,
                "duplicate_check": check, "column_path_rows": result.column_rows,
                "worker_nodes": len(result.nodes), "timings": timings}
     if summary["bad_fraction"] > cfg.max_bad_fraction:

@@ -45,14 +45,16 @@ def _columns(schema) -> dict[str, list]:
 
 @dataclass
 class BatchResult:
-    """Column lists per output subset (contrastive, equal, test), quarantine records, counters, and the first
-    quarantine record of each reason (for the error report when too many rows are bad)."""
+    """Column lists per output subset (contrastive, equal, test), quarantine records, counters, the first
+    quarantine record of each reason (for the error report when too many rows are bad), and the questions of
+    trained pairs (with their item counts) and of held-out pairs (the summary's overlap check)."""
 
     items: dict[str, dict[str, list]] = field(
         default_factory=lambda: {**{s: _columns(ITEM_SCHEMA) for s in SUBSETS}, TEST_SUBSET: _columns(TEST_SCHEMA)})
     quarantine: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, dict] = field(default_factory=dict)
+    questions: dict[str, list] = field(default_factory=lambda: {"trained": [], "items": [], "held": []})
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Reformulator:
                 continue
             if row.held_out:
                 held.append(pair)
+                out.questions["held"].append(pair.question)  # held out: the split is active
                 out.counts["valid_pairs"] += 1
                 out.counts["holdout_pairs"] += 1
                 continue
@@ -157,6 +160,9 @@ class Reformulator:
                 continue
             out.counts["valid_pairs"] += 1
             out.counts["training_pairs"] += 1
+            if self.split.active and not self.format.gives_items:
+                out.questions["trained"].append(pair.question)
+                out.questions["items"].append(len(items))
             for item in items:
                 _append(out.items[item["subset"]], item)
                 for name in item["objectives"]:

@@ -25,6 +25,7 @@ from metaaligner.storage import Storage
 from metaaligner.data.io.parquet_writer import RowGroupWriter
 from metaaligner.data.io.sources import SOURCE_COLUMN, BadInputFile, Sources
 from metaaligner.data.reformulate.batch import SCHEMAS, BatchOutput, VectorReformulator
+from metaaligner.data.reformulate.holdout import QuestionOverlap
 from metaaligner.outputs import StagedOutput, open_output_stream
 
 SCRATCH_SOURCE, SCRATCH_ROW, SCRATCH_LINE = "__source", "__row", "__line"
@@ -38,12 +39,14 @@ class TaskResult:
     scratch: list[str] = field(default_factory=list)  # files of deferred rows
     column_rows: int = 0  # rows that took the column path
     nodes: set[str] = field(default_factory=set)  # Ray nodes that ran the tasks
+    overlap: QuestionOverlap = field(default_factory=QuestionOverlap)  # trained and held-out questions
 
     def add(self, other: "TaskResult | BatchOutput") -> None:
         """Sum the counters and keep the first example per reason (a batch's, or another task's result)."""
         self.counts.update(other.counts)
         for reason, example in other.examples.items():
             self.examples.setdefault(reason, example)
+        self.overlap.merge(other.overlap)
         if isinstance(other, BatchOutput):
             self.column_rows += other.vector_rows
             return

@@ -1,6 +1,7 @@
 """`metaaligner score`: per-objective reward-model labels for raw hh-rlhf pairs, as the MetaAligner reference made them.
 
-Pass 1 (Ray Data): read -> split transcripts (`hh_rlhf_raw`) -> score (prompt, response) with every reward model on
+Pass 1 (Ray Data): read -> split transcripts (`hh_rlhf_raw`, `split`) -> check lengths (`length_of`, `min_tokens`) ->
+score each model's input (`input`: pair or response) with every reward model on
 an actor pool -> round to `decimals` -> stage the raw scores and the quarantine, gathering exact per-model value
 histograms. Between the passes: the bad-row check. Pass 2 (Ray Data): z-normalise each model's column over chosen
 and rejected together with the global mean and std (ddof 0) -> the `hh_rlhf_scores` Parquet. Then commit.
@@ -60,8 +61,10 @@ def _device(setting: str) -> str:
 class RewardScorer:
     """Actor: loads every reward model once; each call scores a batch of split rows.
 
-    Rows over a model's token limit become `too_long` and are not scored; a row whose text the tokenizer cannot
-    encode becomes `internal_error`; a non-finite reward becomes `non_finite_score`.
+    Lengths (`length_of`): `transcript` counts each model's tokens over the whole chosen and rejected transcripts and
+    truncates model inputs to the limit (the reference); `input` counts the model inputs and never truncates. A row
+    with fewer than `min_tokens` for any model becomes `too_short`, over a model's limit `too_long`; a row whose text
+    the tokenizer cannot encode becomes `internal_error`; a non-finite reward becomes `non_finite_score`.
     """
 
     def __init__(self, cfg: ScoreConfig, storage: Storage):
@@ -69,45 +72,70 @@ class RewardScorer:
 
         device = _device(cfg.device)
         self.models = [RewardModel(m, storage, device, cfg.dtype, cfg.micro_batch_size) for m in cfg.reward_models]
-        self.decimals = cfg.decimals
+        self.decimals, self.length_of, self.min_tokens = cfg.decimals, cfg.length_of, cfg.min_tokens
 
     def _quarantine(self, cols: dict, i: int, reason: str, detail: str) -> None:
         cols["reason"][i], cols["detail"][i] = reason, detail
-        prompt = cols["prompt"][i]
-        cols["record"][i] = record_json({"chosen": prompt + cols["chosen_response"][i],
-                                         "rejected": prompt + cols["rejected_response"][i]})
+        cols["record"][i] = record_json({"chosen": cols["chosen"][i], "rejected": cols["rejected"][i]})
 
-    def _encode(self, model, cols: dict, rows: list[int]) -> dict[int, tuple[dict, dict]]:
-        """row -> (chosen, rejected) encodings; falls back to one row at a time when a batch fails to encode."""
-        def encode(idx: list[int]) -> list[tuple[dict, dict]]:
-            prompts = [cols["prompt"][i] for i in idx]
-            chosen = model.encode(prompts, [cols["chosen_response"][i] for i in idx])
-            rejected = model.encode(prompts, [cols["rejected_response"][i] for i in idx])
-            return list(zip(chosen, rejected))
-
+    def _per_row(self, model, cols: dict, rows: list[int], fn) -> dict:
+        """row -> fn([row])[0] for every row; falls back to one row at a time when the batch fails (the failing rows
+        are quarantined, the rest kept)."""
         try:
-            return dict(zip(rows, encode(rows)))
+            return dict(zip(rows, fn(rows)))
         except Exception:  # noqa: BLE001 — find the row(s) that fail, quarantine them, keep the rest
             out = {}
             for i in rows:
                 try:
-                    out[i] = encode([i])[0]
+                    out[i] = fn([i])[0]
                 except Exception as e:  # noqa: BLE001
                     self._quarantine(cols, i, "internal_error", f"{model.plan.name} tokenizer: {type(e).__name__}: {e}")
             return out
+
+    def _encode(self, model, cols: dict, rows: list[int]) -> dict[int, tuple[dict, dict]]:
+        """row -> (chosen, rejected) encodings."""
+        truncate = self.length_of == "transcript"
+
+        def encode(idx: list[int]) -> list[tuple[dict, dict]]:
+            prompts = [cols["prompt"][i] for i in idx]
+            chosen = model.encode(prompts, [cols["chosen_response"][i] for i in idx], truncate)
+            rejected = model.encode(prompts, [cols["rejected_response"][i] for i in idx], truncate)
+            return list(zip(chosen, rejected))
+
+        return self._per_row(model, cols, rows, encode)
+
+    def _lengths(self, model, cols: dict, rows: list[int]) -> dict[int, tuple[int, int]]:
+        """row -> (shortest, longest) token count of its two transcripts under this model's tokenizer."""
+        def count(idx: list[int]) -> list[tuple[int, int]]:
+            n = model.count([cols["chosen"][i] for i in idx] + [cols["rejected"][i] for i in idx])
+            return [(min(a, b), max(a, b)) for a, b in zip(n[:len(idx)], n[len(idx):])]
+
+        return self._per_row(model, cols, rows, count)
+
+    def _check_lengths(self, model, cols: dict, spans: dict[int, tuple[int, int]], what: str) -> None:
+        limit = model.plan.max_length
+        for i, (shortest, longest) in spans.items():
+            if cols["reason"][i] is not None:
+                continue
+            if longest > limit:
+                self._quarantine(cols, i, "too_long", f"{what} of {longest} tokens > {limit}, the limit of reward "
+                                                      f"model {model.plan.name}")
+            elif shortest < self.min_tokens:
+                self._quarantine(cols, i, "too_short", f"{what} of {shortest} tokens < min_tokens {self.min_tokens} "
+                                                       f"for reward model {model.plan.name}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = {name: batch.column(name).to_pylist() for name in SPLIT_SCHEMA.names}
         rows = [i for i, reason in enumerate(cols["reason"]) if reason is None]
         encoded = []
         for model in self.models:
+            if self.length_of == "transcript":
+                self._check_lengths(model, cols, self._lengths(model, cols, rows), "transcript")
+                rows = [i for i in rows if cols["reason"][i] is None]
             enc = self._encode(model, cols, rows)
-            limit = model.plan.max_length
-            for i in list(enc):
-                longest = max(len(enc[i][0]["input_ids"]), len(enc[i][1]["input_ids"]))
-                if longest > limit and cols["reason"][i] is None:
-                    self._quarantine(cols, i, "too_long", f"{longest} tokens > {limit}, the limit of reward model "
-                                                          f"{model.plan.name}")
+            if self.length_of == "input":
+                spans = {i: tuple(sorted((len(c["input_ids"]), len(r["input_ids"])))) for i, (c, r) in enc.items()}
+                self._check_lengths(model, cols, spans, "input")
             encoded.append(enc)
             rows = [i for i in rows if cols["reason"][i] is None]
         n = batch.num_rows
@@ -134,6 +162,7 @@ class Tally:
 
     rows_read: int = 0
     rows_scored: int = 0
+    notes: Counter = field(default_factory=Counter)  # scored rows the reference split lets through, by kind
     quarantined: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     histograms: list[ValueHistogram] = field(default_factory=list)
@@ -141,6 +170,7 @@ class Tally:
     def merge(self, other: "Tally") -> None:
         self.rows_read += other.rows_read
         self.rows_scored += other.rows_scored
+        self.notes.update(other.notes)
         self.quarantined.update(other.quarantined)
         for reason, example in other.examples.items():
             self.examples.setdefault(reason, example)
@@ -178,6 +208,7 @@ class RawScoreSink(Datasink[Tally]):
         good = table.filter(table.column("reason").is_null())
         bad = table.filter(table.column("reason").is_valid())
         tally.rows_read, tally.rows_scored = table.num_rows, good.num_rows
+        tally.notes.update(note for note in good.column("note").to_pylist() if note)
         name = f"part-{ctx.task_idx:05d}.parquet"
         if good.num_rows:
             raw = good.select([*TEXT_COLUMNS, *score_columns(self.n_models, "raw")])
@@ -263,7 +294,8 @@ def _score_pass(cfg: ScoreConfig, storage: Storage, out: StagedOutput) -> tuple[
     kind, n_files, ds = _read_input(cfg, storage)
     log.info("scoring %s (%d %s files) with %s -> %s", cfg.input, n_files, kind,
              ", ".join(m.name for m in cfg.reward_models), cfg.output)
-    ds = ds.map_batches(split_batch, fn_kwargs={"json_lines": kind == "jsonl"}, batch_format="pyarrow")
+    ds = ds.map_batches(split_batch, fn_kwargs={"json_lines": kind == "jsonl", "split": cfg.split},
+                        batch_format="pyarrow")
     # blocks of one actor call each, so every actor gets work even when the input is one large file
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(RewardScorer, fn_constructor_kwargs={"cfg": cfg, "storage": storage},
@@ -337,6 +369,8 @@ def run_scoring(cfg: ScoreConfig, storage: Storage | StorageConfig | None = None
             "quarantined_by_reason": dict(sorted(tally.quarantined.items())),
             "bad_fraction": round(quarantined / tally.rows_read, 6) if tally.rows_read else 0.0,
             "max_bad_fraction": cfg.max_bad_fraction,
+            "split": cfg.split, "split_notes": dict(sorted(tally.notes.items())),
+            "length_of": cfg.length_of, "min_tokens": cfg.min_tokens,
             "normalisation": {"decimals": cfg.decimals, "ddof": 0, "over": "chosen and rejected together",
                               "per_model": {p.name: s for p, s in zip(plans, stats)}},
             "sequences_scored": 2 * len(plans) * tally.rows_scored,

@@ -106,13 +106,22 @@ class RewardModel:
             return responses, None
         return [p + r for p, r in zip(prompts, responses)], None
 
-    def encode(self, prompts: list[str], responses: list[str]) -> list[dict]:
-        """One encoding per (prompt, response), untruncated (check `len(e["input_ids"])` against plan.max_length)."""
+    def encode(self, prompts: list[str], responses: list[str], truncate: bool = False) -> list[dict]:
+        """One encoding per (prompt, response); untruncated (check `len(e["input_ids"])` against plan.max_length), or
+        truncated to plan.max_length as the reference does (`truncation=True`: longest sequence of a pair first)."""
         first, second = self._texts(prompts, responses)
         if not first:
             return []
-        enc = self.tokenizer(first, second, truncation=False, padding=False, verbose=False)
+        limit = {"truncation": True, "max_length": self.plan.max_length} if truncate else {"truncation": False}
+        enc = self.tokenizer(first, second, padding=False, verbose=False, **limit)
         return [{k: enc[k][i] for k in enc.keys()} for i in range(len(first))]
+
+    def count(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as `tokenizer.encode` gives them (special tokens included): the reference's length
+        filter runs on the whole transcripts."""
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
 
     def score(self, encodings: Iterable[dict]) -> np.ndarray:
         """sign * logit[head] per encoding (float64 of the float32 logit), in the given order."""

@@ -111,8 +111,7 @@ class LLMJudge(Judge):
     def complete(self, messages: list[dict]) -> str | None:
         """One reply's text (None for a malformed 200 body), retrying 429/5xx/timeouts/connection errors;
         `ComparisonRejected` when the judge refuses this request (see the module docstring)."""
-        payload = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
-                   "max_tokens": self.cfg.max_tokens}
+        payload = {"model": self.cfg.model, "messages": messages, **self.cfg.sampling_fields()}
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
             if self._stop.is_set():
