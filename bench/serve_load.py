@@ -9,7 +9,9 @@ cached in --model) whose corrections end with EOS after a geometric number of to
 For each engine: arrivals at each --rates (requests/s) for --duration seconds, every request its own task (open
 loop: a slow server does not slow the arrivals); generated tok/s, p50/p99 latency and 503s per rate. Then the
 head-of-line case: two long streams, and once they produce tokens, 8 short requests; the short requests' p50 as a
-ratio of the streams' duration. Prints both engines and hf/hf_static ratios; --out writes JSON.
+ratio of the streams' duration. Before the arrivals: the first correction after the deployment reported ready
+against --steady more of the same (replicas warm up before they report ready; --no-warmup turns that off).
+Prints both engines and hf/hf_static ratios; --out writes JSON.
 
 CPU (tiny trained corrector):  python bench/serve_load.py
 GPU (TinyLlama-1.1B shape, random weights: never stops early, lengths bounded by max_new_tokens only):
@@ -231,6 +233,23 @@ async def head_of_line(url: str, long_tokens: int, shorts: int, short_tokens: in
             "short_max_s": round(max(lat), 3), "ratio_short_p50_to_streams": round(p50 / mean_stream, 3)}
 
 
+async def first_and_steady(url: str, steady: int, max_new_tokens: int) -> dict:
+    """The first correction after the deployment reported ready (replicas warm up first unless serve.warmup is
+    off), then `steady` more of the same greedy request one after another: first-request vs steady latency."""
+    import httpx
+
+    body = {"question": HOL_QUESTION, "answer": "Dogs adapt to any home.", "objectives": ["Helpfulness", "Honesty"],
+            "generation": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
+    lat = []
+    async with httpx.AsyncClient(timeout=600) as c:
+        for _ in range(1 + steady):
+            t0 = time.perf_counter()
+            (await c.post(url + "/v1/correct", json=body)).raise_for_status()
+            lat.append(time.perf_counter() - t0)
+    first, median = lat[0], pct(lat[1:], 50)
+    return {"first_s": round(first, 3), "steady_p50_s": round(median, 3), "first_over_steady": round(first / median, 2)}
+
+
 def run_engine(args, base_cfg, engine: str, requests: list[dict]) -> dict:
     import httpx
     from ray import serve
@@ -242,6 +261,9 @@ def run_engine(args, base_cfg, engine: str, requests: list[dict]) -> dict:
     serve.run(build(cfg), name=f"bench-{engine}", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
     try:
+        first = asyncio.run(first_and_steady(url, args.steady, args.first_tokens))
+        print(f"  {engine:<9} first request after ready {first['first_s']}s, steady p50 {first['steady_p50_s']}s "
+              f"-> x{first['first_over_steady']}", flush=True)
         warm = make_requests(4, 999, [16], 0.0)
         asyncio.run(open_loop(url, warm, 4.0, 1.0, 1, args.max_s))
         rates = []
@@ -256,7 +278,7 @@ def run_engine(args, base_cfg, engine: str, requests: list[dict]) -> dict:
         stats = httpx.get(url + "/v1/stats", timeout=60).json()
     finally:
         serve.delete(f"bench-{engine}")
-    return {"engine": engine, "rates": rates, "head_of_line": hol,
+    return {"engine": engine, "first_request": first, "rates": rates, "head_of_line": hol,
             "occupancy": {k: stats[k] for k in ("mean_occupancy", "max_occupancy", "steps")}}
 
 
@@ -273,6 +295,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--requests", type=int, default=512, help="distinct requests sampled from the length mix")
     ap.add_argument("--hol-long-tokens", type=int, default=512)
+    ap.add_argument("--steady", type=int, default=5, help="requests after the first one (first vs steady latency)")
+    ap.add_argument("--first-tokens", type=int, default=48, help="max_new_tokens of the first-request probe")
+    ap.add_argument("--no-warmup", action="store_true", help="serve.warmup off (replicas do not warm up first)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--num-gpus", type=float, default=0.0)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="per replica")
@@ -307,6 +332,7 @@ def main(argv=None) -> int:
         "max_batch_size": min(args.max_batch_size, args.max_running), "batch_wait_timeout_s": 0.02,
         "max_ongoing_requests": args.max_running, "max_queued_requests": -1, "request_timeout_s": args.max_s,
         "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "auth": "none", "port": args.port,
+        "warmup": not args.no_warmup,
         "limits": {"max_question_chars": 10000, "max_answer_chars": 10000},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}})
     requests = make_requests(args.requests, 0, [int(x) for x in args.max_new_tokens.split(",")], args.temperature)
@@ -330,12 +356,17 @@ def main(argv=None) -> int:
                   f"{x['generated_tok_per_s']:>11.1f}{x['p50_s'] or float('nan'):>9.2f}{x['p99_s'] or float('nan'):>9.2f}"
                   f"{x['mean_new_tokens']:>9.1f}{x['stopped_early']:>9.2f}")
     for r in results:
+        f = r["first_request"]
+        print(f"first request after ready {r['engine']}: {f['first_s']}s vs steady p50 {f['steady_p50_s']}s "
+              f"(x{f['first_over_steady']}, warm-up {'off' if args.no_warmup else 'on'})")
+    for r in results:
         h = r["head_of_line"]
         print(f"head-of-line {r['engine']}: short p50 {h['short_p50_s']}s = {h['ratio_short_p50_to_streams']} x the "
               f"long streams' duration ({h['streams_s']}s)")
     summary = {"model": str(model), "shape": args.shape, "device": args.device or "auto", "rates": args.rates,
                "duration_s": args.duration, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-               "max_running": args.max_running, "hf_static_max_batch_size": cfg.max_batch_size, "engines": results}
+               "max_running": args.max_running, "warmup": not args.no_warmup,
+               "hf_static_max_batch_size": cfg.max_batch_size, "engines": results}
     by = {r["engine"]: r for r in results}
     if {"hf", "hf_static"} <= set(by):
         summary["hf_over_hf_static"] = [

@@ -545,6 +545,7 @@ def test_autoscaling_and_local_policy(serve_port, tiny_model_dir):
     from metaaligner.serving.app import build
 
     cfg = _config(str(tiny_model_dir), max_batch_size=4, max_queued_requests=-1,
+                  warmup=False,  # replica warm-up is tested in test_serving_edge.py; here it only slows upscaling
                   autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                "upscale_delay_s": 3, "downscale_delay_s": 10,
                                "metrics_interval_s": 1, "look_back_period_s": 2},
