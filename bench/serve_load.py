@@ -17,6 +17,8 @@ the attention path its paged cache runs (implementation, dense mask over the cac
 --fixed-batch N: then, in one GPU task, N prompts x --fixed-new-tokens greedy through hf_static (dynamic cache),
 hf_static with a static cache + torch.compile (--compile-static) and hf: new tok/s of each after a warm-up call
 with the same shapes (the anchor: 3.5k plain generate vs 8.7k static + compile at batch 64 on an H100).
+Before the arrivals: the first correction after the deployment reported ready against --steady more of the
+same (replicas warm up before they report ready; --no-warmup turns that off).
 --out is rewritten after every phase, with the key figures under "key".
 
 CPU (tiny trained corrector):  python bench/serve_load.py
@@ -269,6 +271,23 @@ async def head_of_line(url: str, long_tokens: int, shorts: int, short_tokens: in
             "short_max_s": round(max(lat), 3), "ratio_short_p50_to_streams": round(p50 / mean_stream, 3)}
 
 
+async def first_and_steady(url: str, steady: int, max_new_tokens: int) -> dict:
+    """The first correction after the deployment reported ready (replicas warm up first unless serve.warmup is
+    off), then `steady` more of the same greedy request one after another: first-request vs steady latency."""
+    import httpx
+
+    body = {"question": HOL_QUESTION, "answer": "Dogs adapt to any home.", "objectives": ["Helpfulness", "Honesty"],
+            "generation": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
+    lat = []
+    async with httpx.AsyncClient(timeout=600) as c:
+        for _ in range(1 + steady):
+            t0 = time.perf_counter()
+            (await c.post(url + "/v1/correct", json=body)).raise_for_status()
+            lat.append(time.perf_counter() - t0)
+    first, median = lat[0], pct(lat[1:], 50)
+    return {"first_s": round(first, 3), "steady_p50_s": round(median, 3), "first_over_steady": round(first / median, 2)}
+
+
 def quiesce(url: str, timeout_s: float) -> dict:
     """Wait until the replica runs and queues no request (cancelled ones included); the engine's stats then."""
     import httpx
@@ -295,6 +314,10 @@ def run_engine(args, base_cfg, engine: str, requests: list[dict], on_phase) -> d
     url = f"http://127.0.0.1:{args.port}"
     result: dict = {"engine": engine, "deploy_s": round(time.perf_counter() - t0, 1), "rates": []}
     try:
+        first = asyncio.run(first_and_steady(url, args.steady, args.first_tokens))
+        result["first_request"] = first
+        print(f"  {engine:<9} first request after ready {first['first_s']}s, steady p50 {first['steady_p50_s']}s "
+              f"-> x{first['first_over_steady']}", flush=True)
         asyncio.run(open_loop(url, make_requests(4, 999, [16], 0.0), 4.0, 1.0, 1, args.max_s))  # warm-up
         before = quiesce(url, args.quiesce_s)
         for k, rate in enumerate(args.rates):
@@ -432,6 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--requests", type=int, default=512, help="distinct requests sampled from the length mix")
     ap.add_argument("--hol-long-tokens", type=int, default=512, help="0: no head-of-line case")
+    ap.add_argument("--steady", type=int, default=5, help="requests after the first one (first vs steady latency)")
+    ap.add_argument("--first-tokens", type=int, default=48, help="max_new_tokens of the first-request probe")
+    ap.add_argument("--no-warmup", action="store_true", help="serve.warmup off (replicas do not warm up first)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--num-gpus", type=float, default=0.0)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="per replica")
@@ -472,12 +498,14 @@ def main(argv=None) -> int:
         "max_batch_size": args.max_running, "batch_wait_timeout_s": 0.02,
         "max_ongoing_requests": args.max_running, "max_queued_requests": -1, "request_timeout_s": args.max_s,
         "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "auth": "none", "port": args.port,
+        "warmup": not args.no_warmup,
         "limits": {"max_question_chars": 10000, "max_answer_chars": 10000},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}})
     requests = make_requests(args.requests, 0, [int(x) for x in args.max_new_tokens.split(",")], args.temperature)
     summary = {"partial": True, "model": str(model), "shape": args.shape, "device": args.device or "auto",
                "rates": args.rates, "duration_s": args.duration, "max_new_tokens": args.max_new_tokens,
-               "temperature": args.temperature, "max_running": args.max_running, "engines": [], "errors": []}
+               "temperature": args.temperature, "max_running": args.max_running, "warmup": not args.no_warmup,
+               "engines": [], "errors": []}
 
     def write(_=None) -> None:
         if args.out:
@@ -528,6 +556,10 @@ def report(summary: dict) -> None:
                   f"the long streams' duration ({h['streams_s']}s)")
         if "attention" in r:
             print(f"{r['engine']} paged-cache attention: {r['attention']}")
+        if "first_request" in r:
+            f = r["first_request"]
+            print(f"first request after ready {r['engine']}: {f['first_s']}s vs steady p50 {f['steady_p50_s']}s "
+                  f"(x{f['first_over_steady']}, warm-up {'on' if summary['warmup'] else 'off'})")
     by = {r["engine"]: r for r in summary["engines"]}
     if {"hf", "hf_static"} <= set(by):
         summary["hf_over_hf_static"] = [

@@ -61,3 +61,31 @@ def tiny_model_dir(tmp_path_factory):
     from metaaligner.serving.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def vllm_standin():
+    """`import vllm` gives tests/standins/vllm (a stand-in of vLLM 0.29's AsyncLLM) for this module's tests: vLLM
+    itself cannot be installed here. Whatever `vllm` modules were imported before come back afterwards."""
+    import sys
+    from pathlib import Path
+
+    path = str(Path(__file__).parent / "standins")
+
+    def ours(name: str) -> bool:
+        return name == "vllm" or name.startswith("vllm.")
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, path)
+    try:
+        import vllm
+
+        assert vllm.__file__.startswith(path)
+        yield vllm
+    finally:
+        sys.path.remove(path)
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)

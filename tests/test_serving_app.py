@@ -118,13 +118,14 @@ def _post(url, path, body, headers=HF, timeout=60):
     return httpx.post(url + path, json=body, headers=headers, timeout=timeout)
 
 
-def test_correct_contract(api_url):
+def test_correct_contract(api_url, tiny_model_dir):
     r = _post(api_url, "/v1/correct", {**Q, "objectives": ["Honesty", {"name": "Brevity", "description": "be short"}],
                                        "generation": {"max_new_tokens": 5}})
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"correction", "objectives", "template", "model", "finish_reason", "usage", "latency_ms"}
     assert body["objectives"] == ["Honesty", "Brevity"] and body["template"] == "paper"
+    assert body["model"] == "metaaligner" and str(tiny_model_dir) not in r.text  # a name, never the model's path
     assert isinstance(body["correction"], str) and "Question:" not in body["correction"]  # only the new text
     assert 1 <= body["usage"]["completion_tokens"] <= 5 and body["usage"]["prompt_tokens"] > 20
     assert body["latency_ms"] > 0
@@ -321,6 +322,50 @@ def test_openai_client_non_stream_and_stream(api_url):
     assert [m.id for m in client.models.list()] == ["metaaligner"]
 
 
+def test_openai_client_defaults_models_and_context_length(api_url):
+    """What OpenAI clients and SDKs send by default is accepted and ignored (store, user, metadata,
+    parallel_tool_calls, service_tier, seed at temperature 0) and stream_options.include_usage is honoured; seed with
+    sampling and unknown fields are refused; a prompt over the context is OpenAI's 400 `context_length_exceeded`;
+    /v1/models/{id} and a wrong method answer in OpenAI's shape."""
+    import openai
+
+    client = openai.OpenAI(base_url=api_url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    convo = [{"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "Berlin, probably."}]
+    common = {"model": "metaaligner", "messages": convo, "max_tokens": 6, "temperature": 0,
+              "extra_body": {"objectives": ["Honesty"]}}
+    defaults = {"store": False, "user": "user-42", "metadata": {"team": "qa"}, "parallel_tool_calls": False,
+                "service_tier": "auto", "seed": 7}
+    plain = client.chat.completions.create(**common)
+    dressed = client.chat.completions.create(**common, **defaults)
+    assert dressed.choices[0].message.content == plain.choices[0].message.content
+    chunks = list(client.chat.completions.create(**common, **defaults, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]).strip() == plain.choices[0].message.content
+    assert all(c.usage is None for c in client.chat.completions.create(**common, stream=True))  # not asked: none
+
+    with pytest.raises(openai.BadRequestError) as e:  # a seed would change a sampled result: not silently ignored
+        client.chat.completions.create(**{**common, "temperature": 0.7}, seed=7)
+    assert e.value.body["param"] == "seed"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{**common, "extra_body": {"frobnicate": 1}})
+    assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == "frobnicate"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{**common, "messages": [convo[0], {"role": "assistant",
+                                                                            "content": "word " * 1900}]})
+    assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded"
+    assert e.value.body["param"] == "messages" and "tokens" in e.value.body["message"]
+
+    model = client.models.retrieve("metaaligner")
+    assert model.id == "metaaligner" and model.object == "model" and model.owned_by == "metaaligner"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.body["code"] == "model_not_found"
+    wrong = httpx.get(api_url + "/v1/chat/completions", headers=HF)
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_stream_disconnect_frees_its_slot(api_url):
     """A client that goes away mid-stream cancels its generation: the replica's slot frees long before 900 tokens."""
     before = httpx.get(api_url + "/v1/stats", headers=HF).json()
@@ -500,6 +545,7 @@ def test_autoscaling_and_local_policy(serve_port, tiny_model_dir):
     from metaaligner.serving.app import build
 
     cfg = _config(str(tiny_model_dir), max_batch_size=4, max_queued_requests=-1,
+                  warmup=False,  # replica warm-up is tested in test_serving_edge.py; here it only slows upscaling
                   autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                "upscale_delay_s": 3, "downscale_delay_s": 10,
                                "metrics_interval_s": 1, "look_back_period_s": 2},
@@ -510,7 +556,8 @@ def test_autoscaling_and_local_policy(serve_port, tiny_model_dir):
         r = httpx.post(url + "/v1/align", json={"question": "Why is the sky blue?", "objectives": ["Honesty"]}, timeout=60)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["policy_model"] == str(tiny_model_dir) and body["usage"]["policy"]["completion_tokens"] >= 1
+        assert body["policy_model"] == "policy" and body["model"] == "metaaligner"  # names, never paths
+        assert str(tiny_model_dir) not in r.text and body["usage"]["policy"]["completion_tokens"] >= 1
         assert body["usage"]["corrector"]["prompt_tokens"] > body["usage"]["policy"]["prompt_tokens"]
 
         assert _running("ma-scale") == 1

@@ -61,3 +61,26 @@ def test_token_set_builds_and_none_is_logged(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         assert build(ServeConfig.model_validate(_serve(auth="none"))) is not None
     assert "OPEN to anyone" in caplog.text
+
+
+@pytest.mark.parametrize("value,problem", [("abc\n", "whitespace"), (" abc", "whitespace"), ("ab c", "whitespace"),
+                                           ("abc\t", "whitespace"), ("abc\x01", "control"), ("abc\x7f", "control"),
+                                           ("abcé", "non-ASCII")])
+def test_a_token_no_client_could_send_is_refused_at_start(monkeypatch, value, problem):
+    """A token holding whitespace or control characters (e.g. the trailing newline of a Secret made with
+    --from-file) is refused at start, naming the variable; it is never stripped silently."""
+    from metaaligner.serving.app import AuthConfigError, build
+
+    monkeypatch.setenv(VAR, value)
+    with pytest.raises(AuthConfigError, match=f"{VAR} holds a bearer token with (a )?{problem}"):
+        build(ServeConfig.model_validate(_serve(auth_token_env=VAR)))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "corrector.internal"])
+def test_open_api_off_loopback_needs_explicit_consent(host):
+    """auth: none on a host other than loopback is a config error unless allow_unauthenticated_public is set."""
+    with pytest.raises(ValueError, match="allow_unauthenticated_public"):
+        ServeConfig.model_validate(_serve(auth="none", host=host))
+    assert ServeConfig.model_validate(_serve(auth="none", host=host, allow_unauthenticated_public=True)).auth == "none"
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert ServeConfig.model_validate(_serve(auth="none", host=loopback)).host == loopback

@@ -1,5 +1,6 @@
-"""The engine seam (no Ray): one contract for `hf` (continuous batching) and `hf_static`, and for `vllm` where it
-imports with a GPU; greedy equality of hf and hf_static; cancellation; failure mapping."""
+"""The engine seam (no Ray): one contract for `hf` (continuous batching) and `hf_static`, for `vllm` on the stand-in
+of vLLM's AsyncLLM (tests/standins/vllm) and on vLLM itself where it imports with a GPU; greedy equality of hf and
+hf_static; cancellation; failure mapping."""
 
 from __future__ import annotations
 
@@ -38,13 +39,17 @@ def generator(tiny_model_dir):
     return TextGenerator(_config(tiny_model_dir, "hf"))
 
 
-ENGINES = ["hf", "hf_static", pytest.param("vllm", marks=pytest.mark.skipif(
+ENGINES = ["hf", "hf_static", "vllm-standin", pytest.param("vllm", marks=pytest.mark.skipif(
     not vllm_available(), reason="vLLM with a GPU is not available here (see docs/serving.md)"))]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request, tiny_model_dir, generator):
-    e = create_engine(_config(tiny_model_dir, request.param), generator=None if request.param == "vllm" else generator,
+    kind = request.param
+    if kind == "vllm-standin":
+        request.getfixturevalue("vllm_standin")
+        kind = "vllm"
+    e = create_engine(_config(tiny_model_dir, kind), generator=None if kind == "vllm" else generator,
                       max_batch_size=8, batch_wait_timeout_s=0.01)
     yield e
     e.close()
@@ -107,9 +112,11 @@ def test_contract_result_stream_cancel_stats(engine):
         engine.encode("word " * 3000, 12)
 
 
-def test_a_cancelled_request_stops_generating(engine):
+def test_a_cancelled_request_stops_generating(engine, request):
     """A request whose caller went away stops at its next token: the engine runs nothing a short while after the
     cancel, far sooner than the same request takes to finish (hf_static: its row of the running generate stops)."""
+    if request.node.callspec.params["engine"] == "vllm-standin":
+        engine.llm.no_eos = True  # the stand-in ends its answers by itself; a tiny random model does not
     ids = engine.encode(_prompts(1)[0], 800)
     long = GenerationParams(800, 0.0, 1.0)
 
@@ -129,7 +136,11 @@ def test_a_cancelled_request_stops_generating(engine):
         stop_s = await idle_after(asyncio.ensure_future(engine.result(engine.submit(ids, long))))
         return full, full_s, stop_s
 
-    full, full_s, stop_s = asyncio.run(scenario())
+    try:
+        full, full_s, stop_s = asyncio.run(scenario())
+    finally:
+        if request.node.callspec.params["engine"] == "vllm-standin":
+            engine.llm.no_eos = False
     assert full.completion_tokens == 800  # the tiny random model does not stop by itself
     assert stop_s < full_s / 4, (stop_s, full_s)
 
@@ -214,3 +225,63 @@ def test_bench_models_generate_text_with_every_token(tmp_path):
     assert config.vocab_size == len(tok)
     special = set(tok.all_special_ids)
     assert all(tok.decode([i]) for i in range(config.vocab_size) if i not in special)
+def test_a_ready_engine_is_warm(tiny_model_dir, generator):
+    """Warm before ready, engine level: a replica builds its engine with `ready_engine` before it reports ready, and
+    that engine has already paid the one-time costs the first requests used to pay (the hf engine allocates its KV
+    cache, here a production-sized 512 MiB, and runs its first steps), so the first request after it is within 2x
+    the steady latency. Built as before (create_engine alone), the first request here took ~50x the steady one."""
+    import statistics
+    import time
+
+    from metaaligner.serving.warmup import ready_engine
+
+    cfg = CorrectorConfig(model=str(tiny_model_dir), engine="hf", hf={"page_size": 64, "kv_cache_blocks": 8192},
+                          generation={"max_new_tokens": 12, "max_new_tokens_limit": 900})
+    engine = ready_engine(cfg, generator=generator)
+    try:
+        ids = engine.encode(_prompts(1)[0], 16)
+        lat = []
+        for _ in range(6):
+            t = time.perf_counter()
+            engine.generate_batch([ids], [GenerationParams(16, 0.0, 1.0)])
+            lat.append(time.perf_counter() - t)
+    finally:
+        engine.close()
+    first, steady = lat[0], statistics.median(lat[1:])
+    print(f"\nready engine: first request {first * 1000:.1f} ms, steady median {steady * 1000:.1f} ms")
+    assert first <= 2 * steady, lat
+
+
+def test_prefix_caching_reuses_pages_and_keeps_greedy_output(tiny_model_dir, generator, monkeypatch):
+    """hf.prefix_caching (transformers' block sharing): prompts that start with the same template and objectives
+    reuse those complete pages instead of recomputing them, and greedy corrections stay the same as without it."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    matched: list[int] = []
+    search = PagedAttentionCache.search_prefix_match
+
+    def counting(self, request_id, prompt_ids):  # observe what the cache reuses, unchanged
+        matched.append(search(self, request_id, prompt_ids))
+        return matched[-1]
+
+    monkeypatch.setattr(PagedAttentionCache, "search_prefix_match", counting)
+    prompter = Prompter(CorrectorConfig(model="unused"))
+    prompts = [prompter.build(f"Question {i}: how?", f"Answer {i}.", ["Honesty", "Helpfulness"]).prompt
+               for i in range(24)]
+    params = GenerationParams(8, 0.0, 1.0)
+    texts, shared = {}, {}
+    for sharing in (False, True):
+        cfg = CorrectorConfig(model=str(tiny_model_dir), hf={"page_size": 16, "prefix_caching": sharing},
+                              generation={"max_new_tokens": 12, "max_new_tokens_limit": 900})
+        engine = create_engine(cfg, generator=generator)
+        try:
+            ids = [engine.encode(p, 8) for p in prompts]
+            engine.generate_batch(ids[:1], [params])  # its complete pages become shareable
+            matched.clear()
+            texts[sharing] = [g.text for g in engine.generate_batch(ids, [params] * len(ids))]
+            shared[sharing] = sum(matched)
+        finally:
+            engine.close()
+    print(f"\nprefix caching: {shared[True]} prompt tokens reused from shared pages over {len(prompts)} requests")
+    assert shared[False] == 0 and shared[True] >= 16 * len(prompts)  # at least one page each
+    assert sum(a != b for a, b in zip(texts[False], texts[True])) <= 1  # (a floating-point tie could flip one)

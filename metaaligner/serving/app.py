@@ -21,25 +21,29 @@ from ray.serve.handle import DeploymentHandle
 
 from metaaligner.config import load_config
 from metaaligner.prompts import PROFILES
-from metaaligner.serving import api, openai_api
+from metaaligner.serving import api, http_errors, openai_api
+from metaaligner.serving.admission import AdmissionGate, AdmissionMiddleware, serve_ingress_limits
+from metaaligner.serving.body_checks import json_body_problem
 from metaaligner.serving.config import CorrectorConfig, GenerationConfig, ServeConfig
 from metaaligner.serving.corrector import Prompter
 from metaaligner.serving.engines.contract import (
     CorrectionInputError,
     EngineOverloaded,
     GenerationParams,
+    InputTooLong,
     is_out_of_memory,
 )
 from metaaligner.serving.policy import OpenAIPolicy, PolicyError
+from metaaligner.serving.warmup import ready_engine
 from metaaligner.storage import Storage, StorageConfig
 
 log = logging.getLogger("ray.serve")
 _REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 
 
 class AuthConfigError(ValueError):
-    """serve.auth is `token` but the token variable is unset or empty: the app refuses to start (fails closed)."""
+    """serve.auth is `token` but the token variable is unset, empty or not a usable token: the app refuses to start
+    (fails closed)."""
 
 
 def resolve_token(config: ServeConfig) -> str | None:
@@ -48,13 +52,32 @@ def resolve_token(config: ServeConfig) -> str | None:
         log.warning("serve.auth is `none`: the correction API at %s:%s is OPEN to anyone who can reach it "
                     "(use auth: token outside a loopback demo)", config.host, config.port)
         return None
-    token = os.environ.get(config.auth_token_env or "", "")
+    var = config.auth_token_env
+    token = os.environ.get(var or "", "")
     if not token.strip():
         raise AuthConfigError(
-            f"serve.auth is `token` but the environment variable {config.auth_token_env} is unset or empty: set it to "
+            f"serve.auth is `token` but the environment variable {var} is unset or empty: set it to "
             "the bearer token clients must send (refusing to start an open API), or set serve.auth: none for a "
             "loopback demo")
+    problem = token_problem(token)
+    if problem:
+        raise AuthConfigError(f"the environment variable {var} holds a bearer token with {problem}; no client could "
+                              "send it, so the app refuses to start (it is never stripped silently): set the variable "
+                              "to the token alone (a Secret made with --from-file keeps the file's trailing newline)")
     return token
+
+
+def token_problem(token: str) -> str | None:
+    """Why a bearer token cannot be sent in an Authorization header as is (whitespace, control or non-ASCII
+    characters), or None."""
+    for i, c in enumerate(token):
+        if c.isspace():
+            return f"whitespace (character {i}: {c!r})"
+        if ord(c) < 0x20 or ord(c) == 0x7F:
+            return f"a control character (character {i}: {c!r})"
+        if ord(c) > 0x7E:
+            return f"a non-ASCII character (character {i}; HTTP headers carry ASCII only)"
+    return None
 
 
 @serve.deployment(name="Model")
@@ -63,21 +86,31 @@ class ModelServer:
 
     def __init__(self, model: CorrectorConfig, storage: Storage, max_batch_size: int, batch_wait_timeout_s: float,
                  system_prompt: str | None = None, max_running_requests: int | None = None,
-                 health_check_timeout_s: float = 30.0):
-        from metaaligner.serving.engines import create_engine
-
-        self.engine = create_engine(model, storage, max_batch_size=max_batch_size,
-                                    batch_wait_timeout_s=batch_wait_timeout_s, max_running_requests=max_running_requests)
+                 health_check_timeout_s: float = 30.0, warmup: bool = True):
+        self.engine = ready_engine(model, storage, warmup, max_batch_size=max_batch_size,  # warm before ready
+                                   batch_wait_timeout_s=batch_wait_timeout_s, max_running_requests=max_running_requests)
         self.system_prompt = system_prompt
         self.health_check_timeout_s = health_check_timeout_s
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.actor_name = ray.get_runtime_context().get_actor_name()
 
     async def generate(self, prompt: str, params: dict) -> dict:
-        """Validate the prompt length here (a 413 for this request only), then generate; a cancelled call cancels."""
+        """Validate the prompt length here (a 413 for this request only), then generate; a cancelled call cancels.
+        An input error comes back as a value ({"input_error"}), not raised: it is the client's, not a replica
+        failure to log with a traceback."""
         p = GenerationParams(**params)
-        ids = self.engine.encode(prompt, p.max_new_tokens)
+        try:
+            ids = self.engine.encode(prompt, p.max_new_tokens)
+        except CorrectionInputError as e:
+            return input_error(e)
         return (await self.engine.generate(ids, p)).to_dict()
+
+    async def prompt_tokens(self, prompt: str, params: dict) -> int | dict:
+        """The prompt's token count, or {"input_error"} when it leaves no room for max_new_tokens."""
+        try:
+            return len(self.engine.encode(prompt, GenerationParams(**params).max_new_tokens))
+        except CorrectionInputError as e:
+            return input_error(e)
 
     async def chat(self, question: str | list[dict], params: dict) -> dict:
         """Answer a question or a chat as a policy model (chat template when the tokenizer has one)."""
@@ -89,7 +122,11 @@ class ModelServer:
         """Yields {"ready"} once the prompt is accepted, then {"delta"} pieces and a final {"generation"}.
         Closing this stream early (the client went away) cancels the generation and frees its slot."""
         p = GenerationParams(**params)
-        ids = self.engine.encode(prompt, p.max_new_tokens)
+        try:
+            ids = self.engine.encode(prompt, p.max_new_tokens)
+        except CorrectionInputError as e:
+            yield input_error(e)
+            return
         yield {"ready": True}
         rid = self.engine.submit(ids, p, stream=True)
         try:
@@ -112,42 +149,38 @@ class ModelServer:
 
 
 app = FastAPI(title="MetaAligner correction API", version="1")
-
-
-def _error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    """An error body in the route's own shape: OpenAI's for the OpenAI-compatible routes, {"detail"} elsewhere."""
-    if path.rstrip("/").endswith(OPENAI_PATHS):
-        err = openai_api.from_status(status, message, headers)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+app.add_middleware(AdmissionMiddleware)  # added before _guard, so it runs inside it: auth and checks come first
+http_errors.install(app)
 
 
 @app.middleware("http")
 async def _guard(request: Request, call_next):
-    """Bearer auth (unless serve.auth: none) and the body size limit, before any parsing; no 500 leaks details."""
+    """Bearer auth (unless serve.auth: none), the body size limit and the body checks (valid Unicode, bounded
+    nesting), before any route parses the body; no 500 leaks details."""
     settings = request.app.state.settings
     path = request.url.path
     if settings["token_sha256"] and not path.rstrip("/").endswith("/healthz"):
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), settings["token_sha256"]):
-            return _error_response(path, 401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+            return http_errors.error_response(path, 401, "missing or invalid bearer token",
+                                              {"WWW-Authenticate": "Bearer"})
     length = request.headers.get("content-length")
     if request.method == "POST" and not (length and length.isdigit()):
-        return _error_response(path, 411, "a Content-Length header is required")
+        return http_errors.error_response(path, 411, "a Content-Length header is required")
     if length and length.isdigit() and int(length) > settings["max_body_bytes"]:
-        return _error_response(path, 413, f"request body is {length} bytes; the limit is {settings['max_body_bytes']}")
+        return http_errors.error_response(path, 413, f"request body is {length} bytes; the limit is "
+                                                     f"{settings['max_body_bytes']}")
+    if request.method == "POST":
+        problem = json_body_problem(await request.body())  # the body is cached for the route
+        if problem:
+            return http_errors.error_response(path, 422, problem)
     try:
         return await call_next(request)
     except Exception:  # noqa: BLE001 - logged with a reference; the client sees only the reference
         ref = uuid.uuid4().hex[:12]
         log.exception("unhandled error (ref %s) on %s %s", ref, request.method, path)
-        return _error_response(path, 500, f"internal error (ref {ref}); details are in the server logs")
-
-
-@app.exception_handler(openai_api.OpenAIError)
-async def _openai_error(request: Request, e: openai_api.OpenAIError):
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return http_errors.error_response(path, 500, f"internal error (ref {ref}); details are in the server logs")
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -161,6 +194,8 @@ def _http_error(e: BaseException, retry_after: int = 1) -> HTTPException:
     """Map what a model call raised to a status with a message safe to show; details go to the logs."""
     e = _cause(e)
     retry = {"Retry-After": str(retry_after)}
+    if isinstance(e, InputTooLong):
+        return http_errors.ContextLengthExceeded(str(e))
     if isinstance(e, CorrectionInputError):
         return HTTPException(e.status_code, str(e))
     if isinstance(e, BackPressureError):
@@ -184,15 +219,35 @@ def _specs(objectives: list) -> list:
     return [o if isinstance(o, str) else o.model_dump() for o in objectives]
 
 
+def input_error(e: CorrectionInputError) -> dict:
+    """A model replica's answer to input it cannot serve (e.g. a prompt over the context), sent back as a value."""
+    return {"input_error": {"status": e.status_code, "detail": str(e), "too_long": isinstance(e, InputTooLong)}}
+
+
+def raise_input_error(result) -> None:
+    """Raise again, in the ingress, the input error a model replica answered with (if it did)."""
+    if isinstance(result, dict) and "input_error" in result:
+        err = result["input_error"]
+        if err["too_long"]:
+            raise InputTooLong(err["detail"])
+        e = CorrectionInputError(err["detail"])
+        e.status_code = err["status"]
+        raise e
+
+
 async def _call(method, *args, retries: int = 2):
-    """A handle call; one that hit a replica that died is retried (the controller replaces the replica)."""
+    """A handle call; one that hit a replica that died is retried (the controller replaces the replica); an input
+    error the replica answered with is raised here."""
     for attempt in range(retries + 1):
         try:
-            return await method.remote(*args)
+            result = await method.remote(*args)
         except Exception as e:
             if attempt == retries or not isinstance(_cause(e), _REPLICA_GONE):
                 raise
             await asyncio.sleep(0.5 * (attempt + 1))
+        else:
+            raise_input_error(result)
+            return result
 
 
 def _to_502(e: HTTPException) -> HTTPException:
@@ -207,8 +262,8 @@ def _to_502(e: HTTPException) -> HTTPException:
 class Ingress:
     """HTTP front: auth, validation, limits and timeouts (cheap, no model), then calls into the model deployments."""
 
-    def __init__(self, config: ServeConfig, corrector: DeploymentHandle, policy: DeploymentHandle | None,
-                 token_sha256: str | None):
+    async def __init__(self, config: ServeConfig, corrector: DeploymentHandle, policy: DeploymentHandle | None,
+                       token_sha256: str | None):
         self.config = config
         self.limits = config.limits
         self.prompter = Prompter(config.corrector)
@@ -216,9 +271,23 @@ class Ingress:
         self.policy_handle = policy
         self.openai = OpenAIPolicy(config.policy) if config.policy and config.policy.kind == "openai" else None
         self.timeout = config.request_timeout_s
-        app.state.settings = {"token_sha256": token_sha256, "max_body_bytes": config.limits.max_body_bytes}
+        app.state.settings = {"token_sha256": token_sha256, "max_body_bytes": config.limits.max_body_bytes,
+                              "retry_after_s": config.retry_after_s, "request_timeout_s": config.request_timeout_s}
+        app.state.gate = AdmissionGate(config.ingress_max_ongoing_requests, config.ingress_max_queued_requests)
         if token_sha256 is None:
             log.warning("serve.auth is `none`: this ingress accepts requests without a token")
+        if config.warmup:
+            await self._warm_handles()
+
+    async def _warm_handles(self) -> None:
+        """The first call through a handle sets up its routing (which replicas exist): make it now, before this
+        ingress reports ready, instead of in a user's first request."""
+        for handle in (self.corrector, self.policy_handle):
+            if handle is not None:
+                try:
+                    await asyncio.wait_for(handle.stats.remote(), self.timeout)
+                except Exception as e:  # noqa: BLE001 - a slow model replica is not a reason to fail the ingress
+                    log.warning("ingress warm-up call failed: %s: %s", type(e).__name__, e)
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _check_sizes(self, question: str, objectives: list, answer: str = "") -> None:
@@ -264,7 +333,7 @@ class Ingress:
         """The replica's chunk stream once it accepted the prompt (4xx/503 raised before any byte is sent)."""
         chunks = self.corrector.options(stream=True).stream.remote(prompt.prompt, params.__dict__)
         try:
-            await asyncio.wait_for(chunks.__anext__(), self.timeout)
+            raise_input_error(await asyncio.wait_for(chunks.__anext__(), self.timeout))
         except Exception as e:
             chunks.cancel()
             raise _http_error(e, self.config.retry_after_s) from None
@@ -294,7 +363,16 @@ class Ingress:
         pc = self.config.policy
         g = await self._timed(_call(self.policy_handle.chat, question,
                                     GenerationParams(pc.max_tokens, pc.temperature, 1.0).__dict__))
-        return g["text"], pc.model, api.Usage(prompt_tokens=g["prompt_tokens"], completion_tokens=g["completion_tokens"])
+        return g["text"], pc.reported_name, api.Usage(prompt_tokens=g["prompt_tokens"],
+                                                      completion_tokens=g["completion_tokens"])
+
+    async def _check_question_fits(self, question: str, objectives: list, template, generation) -> None:
+        """Before asking the policy: the correction prompt with an empty answer must fit the corrector, or it is the
+        client's question that is too long (a 413), not the policy's answer (a 502 afterwards)."""
+        prompt, params = self._prepare(api.CorrectRequest.model_construct(
+            question=question, answer=" ", objectives=objectives, template=template, condition=None,
+            generation=generation))
+        await self._timed(_call(self.corrector.prompt_tokens, prompt.prompt, params.__dict__))
 
     def _check_policy_answer(self, text: str) -> None:
         if len(text) > self.limits.max_answer_chars:
@@ -304,7 +382,7 @@ class Ingress:
     def _response(self, prompt, gen: dict, t0: float) -> api.CorrectResponse:
         return api.CorrectResponse(
             correction=gen["text"], objectives=prompt.objectives, template=prompt.template,
-            model=self.config.corrector.model, finish_reason=gen["finish_reason"],
+            model=self.config.served_model_name, finish_reason=gen["finish_reason"],
             usage=api.Usage(prompt_tokens=gen["prompt_tokens"], completion_tokens=gen["completion_tokens"]),
             latency_ms=(time.perf_counter() - t0) * 1000)
 
@@ -359,6 +437,7 @@ class Ingress:
             raise HTTPException(404, "no policy configured for /v1/align (serve.policy in the config)")
         self._check_sizes(req.question, req.objectives)
         self._check_objectives(req.objectives)  # 422 before asking the policy
+        await self._check_question_fits(req.question, req.objectives, req.template, req.generation)
         policy_text, policy_model, policy_usage = await self._policy_answer(req.question)
         self._check_policy_answer(policy_text)
         try:
@@ -370,7 +449,7 @@ class Ingress:
             raise _to_502(e) from None
         return api.AlignResponse(
             question=req.question, policy_answer=policy_text, correction=gen["text"], objectives=prompt.objectives,
-            template=prompt.template, model=self.config.corrector.model, policy_model=policy_model,
+            template=prompt.template, model=self.config.served_model_name, policy_model=policy_model,
             usage=api.AlignUsage(policy=policy_usage, corrector=api.Usage(
                 prompt_tokens=gen["prompt_tokens"], completion_tokens=gen["completion_tokens"])),
             latency_ms=(time.perf_counter() - t0) * 1000)
@@ -380,6 +459,8 @@ class Ingress:
         """OpenAI-compatible: the corrected answer as the assistant's reply (see metaaligner.serving.openai_api)."""
         deadline = time.monotonic() + self.timeout
         req = openai_api.parse_request(await request.body())
+        default_temperature = self.config.corrector.generation.temperature
+        openai_api.check_seed(req, default_temperature if req.temperature is None else req.temperature)
         profile = req.template or self.config.corrector.template
         question, answer, chat = openai_api.split_conversation(req, profile)
         objectives = req.objectives or self.prompter.objective_set.names
@@ -393,6 +474,8 @@ class Ingress:
                     raise openai_api.OpenAIError(
                         400, "the conversation does not end with an assistant message (the answer to correct) and "
                              "no policy is configured to answer it (serve.policy)", param="messages")
+                await self._check_question_fits(question, objectives, profile, api.GenerationOptions(
+                    **openai_api.generation_overrides(req)))
                 answer, _, policy_usage = await self._policy_answer(chat)
                 self._check_policy_answer(answer)
                 extra["policy_usage"] = {**policy_usage.model_dump(),
@@ -407,7 +490,7 @@ class Ingress:
             except HTTPException as e:
                 raise (_to_502(e) if "policy_usage" in extra else e) from None
         except HTTPException as e:
-            raise openai_api.from_status(e.status_code, str(e.detail), e.headers) from None
+            raise http_errors.openai_error_of(e) from None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events():
@@ -430,8 +513,15 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.config.served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "metaaligner"}]}
+        return {"object": "list", "data": [openai_api.model_object(self.config.served_model_name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict:
+        """One model in OpenAI's shape; an unknown id is OpenAI's 404 `model_not_found`."""
+        if model_id != self.config.served_model_name:
+            raise openai_api.OpenAIError(404, f"The model '{model_id}' does not exist", code="model_not_found",
+                                         param="model")
+        return openai_api.model_object(model_id)
 
     @app.get("/v1/objectives", response_model=api.ObjectivesResponse)
     async def objectives(self) -> api.ObjectivesResponse:
@@ -456,16 +546,21 @@ def build(config: ServeConfig, storage: Storage | StorageConfig | None = None):
     token = resolve_token(config)
     storage = Storage.of(storage)
     a = config.autoscaling
+    corrector_options = {"ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}}
+    if config.corrector.engine == "vllm":  # tensor_parallel_size > 1: the replica's placement group holds the GPUs
+        from metaaligner.serving.engines.vllm import placement_options
+
+        corrector_options.update(placement_options(config.corrector.vllm, config.num_cpus, config.num_gpus))
     corrector = ModelServer.options(
         name="Corrector",
         autoscaling_config=a.model_dump(exclude_none=True),
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
+        **corrector_options,
     ).bind(config.corrector, storage, config.max_batch_size, config.batch_wait_timeout_s, None,
-           config.max_ongoing_requests, config.health_check_timeout_s)
+           config.max_ongoing_requests, config.health_check_timeout_s, config.warmup)
     policy = None
     if config.policy is not None and config.policy.kind == "local":
         pc = config.policy
@@ -479,10 +574,10 @@ def build(config: ServeConfig, storage: Storage | StorageConfig | None = None):
             health_check_period_s=config.health_check_period_s,
             health_check_timeout_s=config.health_check_timeout_s,
         ).bind(policy_model, storage, config.max_batch_size, config.batch_wait_timeout_s, pc.system_prompt,
-               config.max_ongoing_requests, config.health_check_timeout_s)
-    return Ingress.options(
-        num_replicas=config.ingress_replicas, max_ongoing_requests=config.ingress_max_ongoing_requests,
-        max_queued_requests=config.ingress_max_queued_requests,
+               config.max_ongoing_requests, config.health_check_timeout_s, config.warmup)
+    return Ingress.options(  # the ingress's own gate queues and rejects; Serve's proxy never does (admission.py)
+        num_replicas=config.ingress_replicas,
+        **serve_ingress_limits(config.ingress_max_ongoing_requests, config.ingress_max_queued_requests),
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
     ).bind(config, corrector, policy, hashlib.sha256(token.encode()).hexdigest() if token else None)
 

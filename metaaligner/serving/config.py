@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -37,6 +38,9 @@ class HFEngineConfig(Section):
     kv_cache_memory_fraction: float | None = Field(None, gt=0, le=0.95, description="GPU: share of free memory for the KV cache (None: transformers' default)")
     max_batch_tokens: int | None = Field(None, ge=16, description="tokens in one forward step (None: 8192 on GPU, 512 on CPU)")
     max_running_requests: int = Field(64, ge=1, description="requests decoded together in one step")
+    prefix_caching: bool = Field(
+        True, description="share the KV pages of identical complete prompt blocks between requests (transformers' "
+        "block sharing): the template and objectives every correction starts with are computed once per page")
     seed: int | None = Field(None, description="sampling seed (None: random)")
 
 
@@ -46,7 +50,10 @@ class VLLMEngineConfig(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=0.98)
     max_num_seqs: int = Field(256, ge=1)
     max_model_len: int | None = Field(None, ge=16, description="None: the model's context length")
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="> 1: each replica gets a placement group of this many "
+                                      "GPU bundles (as Ray's own vLLM wrapper does); serve.num_gpus is then ignored")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement group strategy with tensor_parallel_size > 1 (Ray's default: PACK)")
     enforce_eager: bool = False
 
 
@@ -116,6 +123,9 @@ class PolicyConfig(Section):
     base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1 (POST {base_url}/chat/completions)")
     model: str = Field(description="model name for the OpenAI API, or the HF folder for kind=local")
     api_key_env: str | None = Field(None, description="env var holding the policy API key (sent as a bearer token)")
+    served_model_name: str | None = Field(
+        None, description="the `policy_model` /v1/align reports (None: `model` for kind=openai, \"policy\" for "
+        "kind=local, whose `model` is a path)")
     system_prompt: str | None = None
     max_tokens: int = Field(256, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -128,6 +138,11 @@ class PolicyConfig(Section):
         if self.kind == "openai" and not self.base_url:
             raise ValueError("policy: kind=openai needs base_url")
         return self
+
+    @property
+    def reported_name(self) -> str:
+        """The name responses give the policy: never a local path."""
+        return self.served_model_name or (self.model if self.kind == "openai" else "policy")
 
 
 class ServeConfig(Section):
@@ -151,10 +166,14 @@ class ServeConfig(Section):
     retry_after_s: int = Field(1, ge=1, description="Retry-After of every 503")
     health_check_period_s: float = Field(5.0, gt=0, description="each check runs a one-token generation")
     health_check_timeout_s: float = Field(30.0, gt=0)
+    warmup: bool = Field(True, description="each replica runs a few short generations (alone, batched, sampled, "
+                         "streamed) before it reports ready, so no user request pays for the one-time work")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: Literal["token", "none"] = Field(
         "token", description="token: every route but /healthz needs `Authorization: Bearer <token>` and the app "
         "refuses to start without the token; none: open API (loopback demos)")
+    allow_unauthenticated_public: bool = Field(
+        False, description="allow auth: none on a host other than loopback (otherwise a config error)")
     auth_token_env: str | None = Field(None, description="env var holding the bearer token (required with auth: token)")
     policy: PolicyConfig | None = None
     host: str = "127.0.0.1"
@@ -173,9 +192,23 @@ class ServeConfig(Section):
         if self.auth == "none" and self.auth_token_env:
             raise ValueError(f"serve.auth is `none` but serve.auth_token_env is {self.auth_token_env!r}: "
                              "use auth: token to require that token, or remove auth_token_env")
+        if self.auth == "none" and not is_loopback(self.host) and not self.allow_unauthenticated_public:
+            raise ValueError(f"serve.auth is `none` on host {self.host!r}, which is not loopback: the API would be "
+                             "open to the network. Use auth: token with auth_token_env, serve on 127.0.0.1, or set "
+                             "serve.allow_unauthenticated_public: true if that is really meant")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError("max_batch_size cannot exceed max_ongoing_requests (a batch never fills)")
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`; anything else (0.0.0.0, a name, an interface address) may be reachable."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class CorrectConfig(CorrectorConfig):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,6 +49,9 @@ def from_status(status: int, message: str, headers: dict | None = None) -> OpenA
     return OpenAIError(400 if status == 422 else status, message, type_, code, headers=headers)
 
 
+_NO_TOOL_CALL = (None, "none", "auto")  # without tools, both mean: answer with text
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,6 +75,7 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted and ignored: our stream chunks carry no padding to vary
 
 
 class ChatCompletionRequest(_Strict):
@@ -86,7 +90,16 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     objectives: Objectives | None = Field(None, description="extension: names or {name, description}, or \"A; B\"")
     template: Template | None = Field(None, description="extension: the corrector's prompt profile")
-    user: str | None = None
+    # accepted and ignored: none of them changes the correction (docs/serving.md lists them)
+    store: bool | None = None  # nothing is stored either way
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    user: str | None = Field(None, max_length=512)
+    safety_identifier: str | None = Field(None, max_length=512)
+    prompt_cache_key: str | None = Field(None, max_length=512)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
+    modalities: list[Literal["text"]] | None = None
+    seed: int | None = None  # greedy output does not depend on it; with sampling it is refused (check_seed)
     # accepted only to refuse them with a clear 400
     tools: Any = None
     tool_choice: Any = None
@@ -95,7 +108,6 @@ class ChatCompletionRequest(_Strict):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     stop: Any = None
-    seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: Any = None
@@ -118,11 +130,10 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         raise OpenAIError(400, f"{param}: {err['msg']}", param=param) from None
     unsupported = [
         ("n", req.n is not None and req.n > 1, "n > 1 is not supported (one correction per request)"),
-        ("tools", any(x is not None for x in (req.tools, req.tool_choice, req.functions, req.function_call)),
-         "tools and function calls are not supported"),
+        ("tools", bool(req.tools) or bool(req.functions) or req.tool_choice not in _NO_TOOL_CALL
+         or req.function_call not in _NO_TOOL_CALL, "tools and function calls are not supported"),
         ("logprobs", bool(req.logprobs) or req.top_logprobs is not None, "logprobs are not supported"),
-        ("stop", req.stop is not None, "stop sequences are not supported"),
-        ("seed", req.seed is not None, "seed is not supported"),
+        ("stop", bool(req.stop), "stop sequences are not supported"),
         ("presence_penalty", bool(req.presence_penalty) or bool(req.frequency_penalty) or bool(req.logit_bias),
          "penalties and logit_bias are not supported"),
         ("response_format", req.response_format is not None and req.response_format != {"type": "text"},
@@ -134,6 +145,19 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         if bad:
             raise OpenAIError(400, message, code="unsupported_parameter", param=param)
     return req
+
+
+def check_seed(req: ChatCompletionRequest, temperature: float) -> None:
+    """A seed changes nothing at temperature 0 (greedy); with sampling it would, and per-request seeds are not
+    supported, so that combination is a 400 rather than a silently different result."""
+    if req.seed is not None and temperature > 0:
+        raise OpenAIError(400, f"seed is supported only with temperature 0 (greedy), got temperature {temperature}: "
+                               "per-request sampling seeds are not supported", code="unsupported_parameter",
+                          param="seed")
+
+
+def model_object(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "metaaligner"}
 
 
 def generation_overrides(req: ChatCompletionRequest) -> dict:

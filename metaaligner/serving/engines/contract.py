@@ -7,13 +7,17 @@
     engine.stats()                                   # queue depth, running requests, tokens, occupancy histogram
 
 `encode` (prompt -> ids, 413 over the limit) is shared by every engine. `generate_batch` is the synchronous helper
-for offline batch correction. Engines import this module only; the corrector and the server import the engines.
+for offline batch correction: it runs on the engine's one persistent event loop (`EventLoopThread`), never on a
+fresh loop per call, because engines may bind state to the loop they first ran on (vLLM's output handler does).
+Engines import this module only; the corrector and the server import the engines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -61,7 +65,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "repetition" (vLLM's repetition detection)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +157,66 @@ def failure(error: BaseException | str) -> EngineError:
     return cls(error if isinstance(error, str) else f"{type(error).__name__}: {error}")
 
 
+class EventLoopThread:
+    """An asyncio event loop running on its own daemon thread for the life of an engine: synchronous code runs
+    coroutines on it (`run`), other event loops await coroutines on it (`call`), so state bound to a loop (queues,
+    an engine's output handler) always sees the same one."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def on_loop(self) -> bool:
+        """True when called from a coroutine running on this loop."""
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def run(self, coro, timeout: float | None = None):
+        """From synchronous code: run the coroutine on this loop and return its result."""
+        if self.on_loop():
+            coro.close()
+            raise RuntimeError("run() called from the engine's own event loop would deadlock; await the coroutine")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, coro):
+        """Schedule the coroutine on this loop from any thread; returns its concurrent future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def call(self, coro):
+        """From any event loop: the coroutine's result, run on this loop (cancelling the await cancels it there)."""
+        if self.on_loop():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def stop(self) -> None:
+        """Cancel what still runs on the loop, then stop it (idempotent)."""
+        if not self.loop.is_running():
+            return
+        if threading.current_thread() is self._thread:
+            self.loop.stop()
+            return
+
+        async def cancel_the_rest():
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(5)
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
 class EngineCounters:
     """What every engine's stats() reports besides its own queue: requests, tokens and an occupancy histogram."""
 
@@ -217,6 +281,20 @@ class Engine(ABC):
     def close(self) -> None:
         """Stop background work (idempotent)."""
 
+    @property
+    def loop_thread(self) -> EventLoopThread:
+        """The engine's one persistent event loop for synchronous callers (created on first use, stopped with the
+        engine object)."""
+        thread = self.__dict__.get("_loop_thread")
+        if thread is None:
+            thread = self.__dict__["_loop_thread"] = EventLoopThread(f"engine-{self.name}-loop")
+            weakref.finalize(self, thread.stop)
+        return thread
+
+    def run_sync(self, coro):
+        """Run a coroutine that uses this engine from synchronous code, on the engine's persistent loop."""
+        return self.loop_thread.run(coro)
+
     async def generate(self, ids: list[int], params: GenerationParams) -> Generation:
         return await self.result(self.submit(ids, params))
 
@@ -228,7 +306,7 @@ class Engine(ABC):
         async def gather():
             return await asyncio.gather(*(self.generate(list(i), p) for i, p in zip(batch_ids, params)))
 
-        return asyncio.run(gather())
+        return self.run_sync(gather())
 
     async def health_check(self) -> None:
         """A one-token generation through the same queue as real requests; raises if the engine cannot generate."""

@@ -94,7 +94,7 @@ class ContinuousHFEngine(Engine):
         cb = ContinuousBatchingConfig(
             page_size=config.page_size, num_blocks=blocks, max_memory_percent=config.kv_cache_memory_fraction,
             max_batch_tokens=config.max_batch_tokens or (CPU_MAX_BATCH_TOKENS if on_cpu else None),
-            max_requests_per_batch=running, per_request_processors=True, allow_block_sharing=False,
+            max_requests_per_batch=running, per_request_processors=True, allow_block_sharing=config.prefix_caching,
             seed=config.seed)
         # Sampling stays on and the warpers exist (sentinel defaults != 1); every request passes its own values.
         gen = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, eos_token_id=tok.eos_token_id,
