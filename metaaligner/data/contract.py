@@ -169,12 +169,10 @@ def check_not_empty(job: str, rows_read: int, rows_out: int, allow_empty: bool, 
         return
     hint = f"set allow_empty: true (--allow-empty) to commit an empty {job} output anyway"
     if not rows_read:
-        raise EmptyOutput(f"{job}: read 0 rows from {where} (empty or blank files); nothing was committed and the "
-                          f"previous output is unchanged; {hint}")
+        raise EmptyOutput(f"{job}: read 0 rows from {where} (empty or blank files), nothing to commit; {hint}")
     top = ", ".join(f"{r}: {n}" for r, n in sorted((reasons or {}).items(), key=lambda kv: -kv[1])[:TOP_REASONS])
     raise EmptyOutput(f"{job}: {rows_read} rows read from {where} but none gave an output row"
-                      f"{f' (quarantined: {top})' if top else ''}; nothing was committed and the previous output is "
-                      f"unchanged; {hint}")
+                      f"{f' (quarantined: {top})' if top else ''}, nothing to commit; {hint}")
 
 
 # -- the row size limit (`max_row_bytes`) ----------------------------------------------------------------------------
