@@ -460,9 +460,6 @@ class StagedOutput:
         if st.is_s3(self.uri):  # folder markers only: a run that claimed meanwhile would lose its claim (and fail)
             if not _relative_files(fs, f"{root}/{STAGING}"):
                 fs.delete_dir(f"{root}/{STAGING}")
-                bucket, key = st.split_s3(self.uri)  # servers with real folders (SeaweedFS) may keep empty ones
-                for marker in (f"{STAGING}/{LEASES}/", f"{STAGING}/"):
-                    self.storage.client.delete_object(Bucket=bucket, Key=f"{key}/{marker}")
             return
         for folder in (f"{STAGING}/{LEASES}", STAGING):  # only when empty: a claim written meanwhile stays
             try:
