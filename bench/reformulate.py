@@ -312,8 +312,11 @@ def main() -> None:
             r["pairs_per_min"] = round(60 * args.pairs / r["wall_s"])
             if label == "a":
                 summary = Storage().read_json(storage.join(dst, "_summary.json"))
-                r["job"] = {k: summary[k] for k in ("wall_time_s", "commit_s", "timings", "duplicate_check", "duplicates",
-                                                     "column_path_rows", "items_total")}
+                r["job"] = {k: summary.get(k) for k in ("wall_time_s", "commit_s", "timings", "duplicate_check",
+                                                         "duplicates", "column_path_rows", "items_total",
+                                                         "committed_files", "uploads_completed")}
+                manifest = Storage().read_json(storage.join(dst, "_SUCCESS"))
+                r["job"]["output_mib"] = round(sum(f["size"] for f in manifest["files"]) / 2**20, 1)
             if not (args.no_verify or args.scale):
                 r["items"], r["checksum"] = checksum(dst)
             print(label, json.dumps(r), flush=True)

@@ -14,6 +14,11 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
 
 
+def _add_allow_empty(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-empty", action="store_const", const=True,
+                   help="commit even when no rows were read or none came out (else the run fails, output untouched)")
+
+
 def _section(args, section: str, flags: tuple[str, ...], hint: str):
     """Load --config, let the given flags override `section.<flag>`, and return (config, section)."""
     overrides = {"storage.endpoint_url": args.endpoint_url, **{f"{section}.{f}": getattr(args, f) for f in flags}}
@@ -43,7 +48,7 @@ def _reformulate(args) -> int:
     args.holdout = _holdout(args)
     cfg, rf = _section(args, "reformulate", ("input", "output", "format", "objectives", "template", "seed",
                                              "score_decimals", "holdout", "holdout_fraction", "split_seed",
-                                             "max_bad_fraction", "on_bad_file"),
+                                             "max_bad_fraction", "on_bad_file", "max_row_bytes", "allow_empty"),
                        "give --input and --output (or a config with a reformulate section)")
     summary = run_reformulation(rf, cfg.storage)
     held_out = (f", {summary['holdout_pairs']} held out ({summary['holdout']['kind']}) as {summary['test_rows']} test "
@@ -87,7 +92,7 @@ def _score(args) -> int:
     args.reward_models = _reward_models(args)
     cfg, sc = _section(args, "score", ("input", "output", "format", "reward_models", "split", "length_of",
                                        "min_tokens", "decimals", "batch_size", "micro_batch_size", "concurrency",
-                                       "num_cpus", "num_gpus", "device", "dtype", "max_bad_fraction"),
+                                       "num_cpus", "num_gpus", "device", "dtype", "max_bad_fraction", "allow_empty"),
                        "give --input, --output and --reward-model NAME=PATH (or a config with a score section)")
     s = run_scoring(sc, cfg.storage)
     print(f"scored {s['rows_scored']}/{s['rows_read']} rows ({s['rows_quarantined']} quarantined) with "
@@ -100,7 +105,8 @@ def _evaluate(args) -> int:
     from metaaligner.evaluation.job import run_evaluation
 
     cfg, ev = _section(args, "evaluate", ("input", "output", "seed", "question_column", "id_column", "golden",
-                                          "candidates", "max_invalid_fraction", "max_bad_fraction"),
+                                          "candidates", "max_invalid_fraction", "max_bad_fraction",
+                                          "allow_empty"),
                        "give --config with an evaluate section (or --input and --output)")
     judge = {k: v for k, v in (("url", args.judge_url), ("model", args.judge_model), ("prompt", args.judge_prompt),
                                ("sampling", args.judge_sampling)) if v is not None}
@@ -131,7 +137,8 @@ def _correct(args) -> int:
 
     cfg, cc = _section(args, "correct", ("input", "output", "model", "template", "objectives", "default_objectives",
                                          "concurrency", "batch_size", "num_gpus", "question_column",
-                                         "answer_column", "id_column", "on_too_long", "max_bad_fraction"),
+                                         "answer_column", "id_column", "on_too_long", "max_bad_fraction",
+                                         "allow_empty"),
                        "give --input, --output and --model (or a config with a correct section)")
     s = run_correction(cc, cfg.storage)
     print(f"corrected {s['corrected']}/{s['rows']} rows ({s['errors']} errors, {s['too_long']} too long: "
@@ -192,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-column", help="the column of --holdout-questions (default: query)")
     p.add_argument("--max-bad-fraction", type=float, help="fail without committing above this share of bad rows")
     p.add_argument("--on-bad-file", choices=["fail", "quarantine"], help="what an unreadable input file does")
+    p.add_argument("--max-row-bytes", type=int, help="quarantine rows over this many bytes as row_too_large")
+    _add_allow_empty(p)
     p.set_defaults(func=_reformulate)
 
     p = sub.add_parser("score", help="raw hh-rlhf pairs -> per-objective reward-model scores (Ray Data actor pool)")
@@ -217,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-bad-fraction", type=float, help="fail without committing above this quarantined share")
+    _add_allow_empty(p)
     p.set_defaults(func=_score)
 
     p = sub.add_parser("train", help="three-stage corrector training (Ray Train + DeepSpeed)")
@@ -244,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "authors' scoring scripts")
     p.add_argument("--max-invalid-fraction", type=float, help="exit non-zero above this share of invalid verdicts")
     p.add_argument("--max-bad-fraction", type=float, help="stop before judging above this share of bad rows")
+    _add_allow_empty(p)
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("serve", help="the correction API on Ray Serve (FastAPI, batching, autoscaling)")
     _add_config(p)
@@ -270,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-too-long", choices=["original", "truncate", "error"],
                    help="a prompt over the model's limit: keep the answer (default), cut its tail, or an error row")
     p.add_argument("--max-bad-fraction", type=float, help="fail without committing above this share of error rows")
+    _add_allow_empty(p)
     p.set_defaults(func=_correct)
 
     p = sub.add_parser("pipeline", help="reformulate -> train -> correct -> evaluate, from one config")

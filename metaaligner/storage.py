@@ -26,6 +26,9 @@ class StorageConfig(Section):
         description="S3-compatible endpoint, e.g. http://127.0.0.1:8333; None for AWS",
     )
     region: str = Field(default_factory=lambda: os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    output_lease_timeout_s: float = Field(
+        120.0, ge=1.0, description="a run holds its output folder by a lease renewed every 1/6 of this; another run "
+                                   "takes a lease over after this long without a renewal (a dead driver's)")
 
 
 def is_s3(uri: str) -> bool:
@@ -143,10 +146,13 @@ class Storage:
         with fs.open_output_stream(path) as f:
             f.write(text.encode("utf-8"))
 
-    def read_text(self, uri: str) -> str:
+    def read_bytes(self, uri: str) -> bytes:
         fs, path = self.filesystem(uri)
         with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8")
+            return f.read()
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
 
     def write_json(self, uri: str, obj) -> None:
         self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -148,6 +148,29 @@ def test_every_pod_enables_ray_token_auth_from_a_secret(name):
             assert ref == {"name": auth["secretName"], "key": RAY_AUTH_SECRET_KEY}, f"{name}/{group}"
 
 
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-pipeline.yaml", "rayservice.yaml"])
+def test_every_pod_runs_as_non_root_without_privileges_on_a_read_only_root(name):
+    """Issue 18: non-root, no privilege escalation, no capabilities, a read-only root filesystem with writable
+    emptyDir mounts where Ray writes (session files and spilling under /tmp, caches)."""
+    spec = manifests()[name]
+    for group, template in pod_templates(spec):
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, group
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            where = f"{name}/{group}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]} and sc["readOnlyRootFilesystem"] is True, where
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            for path in ("/tmp", "/home/ray/.cache", "/home/ray/.triton"):
+                assert "emptyDir" in volumes[mounts[path]], f"{where}: {path} is not a writable emptyDir"
+    if spec.get("enableInTreeAutoscaling"):  # KubeRay's autoscaler sidecar
+        sc = spec["autoscalerOptions"]["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
 def _peers_allowed(policy, port):
     """The `from` peers of every ingress rule that admits `port` (None in the list: any source)."""
     peers = []
@@ -176,7 +199,10 @@ def test_network_policy_selects_every_ray_pod_and_keeps_control_ports_inside():
     for port in (8265, 10001):
         for peer in _peers_allowed(policy, port):
             assert peer is not None and "ipBlock" not in peer, f"port {port} open to any address"
-            if "namespaceSelector" in peer:
+            if "namespaceSelector" in peer:  # the operator: its namespace by name AND its pod label (issue 18)
+                namespace = peer["namespaceSelector"].get("matchLabels", {})
+                assert list(namespace) == ["kubernetes.io/metadata.name"] and namespace[
+                    "kubernetes.io/metadata.name"], f"port {port}: a pod label from any namespace"
                 assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
             else:
                 assert peer["podSelector"]["matchLabels"], f"port {port}: every pod of the namespace"
@@ -346,6 +372,15 @@ def test_dockerfile_runtime_has_no_build_tools_and_no_s3_server():
         assert banned not in runtime, banned
     assert "gcc" in runtime and "libc6-dev" in runtime, "Triton compiles its launcher stubs at run time"
     assert "seaweedfs" not in (CLUSTER / "Dockerfile").read_text().lower()
+
+
+def test_dockerfile_runtime_removes_the_base_images_passwordless_sudo():
+    """Issue 18: the base image adds `ray ALL=NOPASSWD: ALL`; the runtime image drops it and checks none is left."""
+    runtime = " ".join(dockerfile_stages()["runtime"])
+    assert "sed -i '/^ray ALL=NOPASSWD: ALL$/d' /etc/sudoers" in runtime
+    assert "gpasswd -d ray sudo" in runtime
+    assert "! grep -Eqs '^[^#]*NOPASSWD' /etc/sudoers /etc/sudoers.d/*" in runtime
+    assert runtime.rstrip().split("USER ")[-1].split()[0] == "ray", "the image ends as user ray, not root"
 
 
 def test_base_image_is_pinned_by_exact_tag_with_a_digest_step():

@@ -29,6 +29,8 @@ SYN = load_objective_set("synthetic")
 UF = load_objective_set("ultrafeedback")
 HH = load_objective_set("hh_rlhf")
 DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any JSON parser's recursion limit
+HUGE = "x" * ((1 << 20) + 1)  # over the default max_row_bytes
+BOM = "\ufeff"
 UF_KEYS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 SETS = {"canonical": "synthetic", "ultrafeedback": "ultrafeedback", "hh_rlhf_scores": "hh_rlhf",
         "fastchat": "synthetic"}
@@ -80,6 +82,7 @@ POISON = {
         pair("p4", preferences={"Calmness": "better"}),
         pair("p5", preferences={}),
         pair("p6", preferences={"Calmness": {"nested": [1, {"x": None}]}}),
+        pair("p7", response_1=HUGE),
     ],
     "ultrafeedback": [
         {"instruction": "u1", "completions": [completion("a", annotations=[1, 2]), completion("b")]},  # a list
@@ -89,6 +92,7 @@ POISON = {
         {"instruction": "u5", "completions": [completion("a"), completion(["not", "text"])]},
         {"instruction": "u6", "completions": [completion("a", annotations={k: {"Rating": {"x": [1]}} for k in UF_KEYS}),
                                               completion("b")]},
+        {"instruction": "u7", "completions": [completion(HUGE), completion("b")]},
     ],
     "hh_rlhf_scores": [
         hh(101, chosen_score1=[1, 2]),
@@ -96,6 +100,7 @@ POISON = {
         hh(103, chosen_response="lone \udc80"),
         hh(104, prompt=""),
         hh(105, rejected_score3=DEEP),
+        hh(106, chosen_response=HUGE),
     ],
     "fastchat": [
         released(201, conversations={"from": "human"}),
@@ -104,6 +109,7 @@ POISON = {
         released(204, target="lone \udc80"),
         released(205, conversations=DEEP),
         released(206, conversations=[{"from": "human", "value": ["a"]}, {"from": "gpt", "value": "x"}]),
+        released(207, target=HUGE),
     ],
 }
 RAW_JSONL_POISON = [b"{not json", b"[1, 2]", b"null", b'{"deep": ' + DEEP.encode() + b"}", b"\xff\xfe{}"]
@@ -120,11 +126,13 @@ def write_input(kind, fmt, folder):
     if kind == "jsonl":
         lines = [json.dumps(r).encode() for r in good + poison] + RAW_JSONL_POISON
         random.Random(0).shuffle(lines)
-        (folder / "rows.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+        lines.insert(0, lines.pop(lines.index(json.dumps(good[0]).encode())))  # behind a byte order mark
+        (folder / "rows.jsonl").write_bytes(BOM.encode() + b"\n".join(lines) + b"\n")
         return len(poison) + len(RAW_JSONL_POISON)
     if kind == "csv":
         names = sorted({k for r in good + poison for k in r})
-        text = io.StringIO()
+        text = io.StringIO(BOM)
+        text.seek(0, io.SEEK_END)
         writer = csv.writer(text)
         writer.writerow(names)
         for r in good + poison:
@@ -168,6 +176,12 @@ def test_the_named_poison_shapes_get_their_reasons():
     deep_line = Reformulator("canonical", SYN, get_template("paper"), 1, None, HoldoutSplit(0, 0),
                              LocalIdRegistry())([RAW_JSONL_POISON[3]], "f", "0")
     assert [q["reason"] for q in deep_line.quarantine] == ["invalid_json"]
+    for fmt in POISON:  # the last poison row of each format is over max_row_bytes: its record keeps a prefix
+        out = Reformulator(fmt, load_objective_set(SETS[fmt]), get_template("paper"), 1, None, HoldoutSplit(0, 0),
+                           LocalIdRegistry())([json.dumps(POISON[fmt][-1]).encode()], "f", "0")
+        (q,) = out.quarantine
+        assert q["reason"] == "row_too_large" and "over max_row_bytes 1048576" in q["detail"]
+        assert len(q["record"]) == 1024 and out.counts["rows_bad"] == 1
 
 
 def test_an_unexpected_failure_is_an_internal_error_record():
@@ -197,7 +211,8 @@ def test_poison_corpus_in_every_format_and_file_type(ray_cluster, storage, tmp_p
     s = run_reformulation(cfg, storage)
     reconciles(s)
     assert s["rows_bad"] == n_poison and "internal_error" not in s["quarantined_by_reason"]
-    assert s["training_pairs"] == (120 if fmt == "ultrafeedback" else 40)  # every good row made it
+    assert s["training_pairs"] == (120 if fmt == "ultrafeedback" else 40)  # every good row made it (BOM too)
+    assert s["quarantined_by_reason"]["row_too_large"] == 1 and s["max_row_bytes"] == 1 << 20
     quarantine = pq.read_table(tmp_path / "out" / "_quarantine").to_pylist()
     assert len(quarantine) == s["quarantined"] and all(q["reason"] and q["detail"] and q["record"] for q in quarantine)
 

@@ -49,3 +49,22 @@ def test_outputs_are_read_through_their_manifest(tmp_path):
     for uri in (other, other / "equal"):
         with pytest.raises(OutputError, match="incomplete run"):
             discover(str(uri), LOCAL)
+
+
+def test_a_byte_order_mark_at_the_start_of_a_jsonl_or_csv_file_is_read(tmp_path):
+    import pyarrow as pa
+
+    from metaaligner.data.contract import decode_record
+    from metaaligner.data.io.row_input import parse_rows
+    from metaaligner.data.io.sources import Sources
+
+    bom = "\ufeff".encode()
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"id": "1", "question": "q"}\n{"id": "2"}\n')
+    (tmp_path / "a.csv").write_bytes(bom + b'id,question\n1,"q"\n')
+    fs, _ = LOCAL.filesystem(str(tmp_path))
+    (_, lines), = Sources("jsonl", [str(tmp_path / "a.jsonl")], fs).batches(0, 10)
+    assert [decode_record(line) for line in lines] == [{"id": "1", "question": "q"}, {"id": "2"}]
+    (_, table), = Sources("csv", [str(tmp_path / "a.csv")], fs).batches(0, 10)
+    assert table.column_names == ["id", "question"] and table.column("id").to_pylist() == [b"1"]
+    rows, quarantined = parse_rows(pa.table({"text": ['\ufeff{"question": "q"}'], "path": ["a.jsonl"]}), "jsonl")
+    assert rows == [{"question": "q"}] and not quarantined  # correct and evaluate read it too

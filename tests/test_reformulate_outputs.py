@@ -151,11 +151,11 @@ def test_s3_outage_during_a_rerun_keeps_the_previous_output(ray_cluster, tmp_pat
         client = _client(server)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and rerun.is_alive():
-            if client.list_multipart_uploads(Bucket="fault", Prefix="out/_staging/").get("Uploads"):
-                break  # part files are being uploaded
+            if client.list_multipart_uploads(Bucket="fault", Prefix="out/").get("Uploads"):
+                break  # part files are being uploaded (to their final keys, invisible until the commit)
             time.sleep(0.05)
         assert rerun.is_alive(), "the rerun finished before the outage"
-        uploads = len(client.list_multipart_uploads(Bucket="fault", Prefix="out/_staging/").get("Uploads", []))
+        uploads = len(client.list_multipart_uploads(Bucket="fault", Prefix="out/").get("Uploads", []))
         os.killpg(server.proc.pid, signal.SIGKILL)
         killed = time.monotonic()
         server.proc.wait(30)
@@ -172,6 +172,7 @@ def test_s3_outage_during_a_rerun_keeps_the_previous_output(ray_cluster, tmp_pat
         again = run_reformulation(cfg, st)
         assert items(cfg.output, st) == clean_items and again["valid_pairs"] == clean["valid_pairs"] == 32000
         assert not _s3_keys(server, "fault", "out/_staging/")
+        assert not _client(server).list_multipart_uploads(Bucket="fault", Prefix="out/").get("Uploads")  # aborted
     finally:
         server.stop()
 

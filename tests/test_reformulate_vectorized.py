@@ -6,9 +6,11 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from metaaligner.data.io.columns import python_rows
+from metaaligner.data import contract
+from metaaligner.data.io.columns import python_rows, row_bytes
 from metaaligner.data.reformulate.algorithm import _digest, seeded_shuffle
 from metaaligner.data.reformulate.batch import VectorReformulator
 from metaaligner.data.reformulate.column_algorithm import digest_words, shuffled_positions
@@ -31,14 +33,16 @@ def rows_of(columns: dict[str, list]) -> list[dict]:
     return [dict(zip(names, values)) for values in zip(*columns.values())]
 
 
-def oracle(table: pa.Table, fmt: str, objectives, template, seed=7, decimals=1, split=None):
-    reformulator = Reformulator(fmt, objectives, template, seed, decimals, split or HoldoutSplit(0.0, 0), AllOwners())
+def oracle(table: pa.Table, fmt: str, objectives, template, seed=7, decimals=1, split=None, max_row_bytes=1 << 20):
+    reformulator = Reformulator(fmt, objectives, template, seed, decimals, split or HoldoutSplit(0.0, 0), AllOwners(),
+                                max_row_bytes)
     return reformulator(python_rows(table), "src.parquet", "")
 
 
-def vectorised(table: pa.Table, fmt: str, objectives, template, seed=7, decimals=1, split=None):
-    return VectorReformulator(fmt, objectives, template, seed, decimals, split or HoldoutSplit(0.0, 0))(
-        table, "src.parquet")
+def vectorised(table: pa.Table, fmt: str, objectives, template, seed=7, decimals=1, split=None,
+               max_row_bytes=1 << 20):
+    return VectorReformulator(fmt, objectives, template, seed, decimals, split or HoldoutSplit(0.0, 0),
+                              max_row_bytes)(table, "src.parquet")
 
 
 def assert_same(table: pa.Table, fmt: str, objectives, template=None, min_vector_share=0.0, **kw):
@@ -276,3 +280,80 @@ def test_whitespace_list_is_pythons():
     from metaaligner.data.reformulate.column_checks import PY_SPACE
 
     assert PY_SPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+
+
+# -- text types, dictionaries and the row size limit (issue 18) -----------------------------------------------------
+
+def _through_parquet(table: pa.Table) -> pa.Table:
+    """The table as a Parquet reader gives it back (string_view, large_string and dictionary types kept)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return pq.read_table(pa.BufferReader(sink.getvalue()))
+
+
+def _with(table: pa.Table, name: str, array) -> pa.Table:
+    return table.set_column(table.column_names.index(name), name, array)
+
+
+def test_string_view_and_large_string_columns_with_invalid_utf8_are_quarantined_per_row():
+    table = canonical_table(random.Random(5), 60, UF, junk=0.0)
+    valid = _through_parquet(_with(_with(table, "question", table.column("question").cast(pa.string_view())),
+                                   "response_1", table.column("response_1").cast(pa.large_string())))
+    assert valid.schema.field("question").type == pa.string_view()
+    assert valid.schema.field("response_1").type == pa.large_string()
+    reference = assert_same(valid, "canonical", UF)
+    assert reference.vector_rows == vectorised(table, "canonical", UF, get_template("paper")).vector_rows > 0
+
+    questions = [q.encode() for q in table.column("question").to_pylist()]
+    answers = [a.encode() for a in table.column("response_1").to_pylist()]
+    questions[3], answers[7] = b"not \xff UTF-8", b"cut \xc3"
+    bad = _through_parquet(_with(_with(table, "question", pa.array(questions, pa.binary_view()).view(
+        pa.string_view())), "response_1", pa.array(answers, pa.large_binary()).view(pa.large_string())))
+    got = assert_same(bad, "canonical", UF)  # used to crash: no `take` kernel for string_view, UnicodeDecodeError
+    assert got.counts["quarantined.invalid_utf8"] == 2 and got.counts["rows_read"] == 60
+    broken = {table.column("id")[3].as_py(), table.column("id")[7].as_py()}
+    items = lambda out: sorted(json.dumps(r) for k in ("contrastive", "equal") for t in out.tables[k]
+                               for r in t.to_pylist() if r["pair_id"] not in broken)
+    assert items(got) == items(reference)  # every other row as with valid text
+
+
+def test_dictionary_columns_take_the_column_path():
+    table = canonical_table(random.Random(6), 80, UF, junk=0.05)
+    encoded = _through_parquet(_with(_with(table, "question", table.column("question").dictionary_encode()),
+                                     "preferences", table.column("preferences").dictionary_encode()))
+    assert pa.types.is_dictionary(encoded.schema.field("question").type)
+    plain = vectorised(table, "canonical", UF, get_template("paper"))
+    assert assert_same(encoded, "canonical", UF).vector_rows == plain.vector_rows > 0
+
+
+def test_the_row_size_is_the_same_counted_on_columns_and_on_rows():
+    bad = b"ok \xff"
+    table = pa.table({
+        "view": pa.array([b"hello", bad, None], pa.binary_view()).view(pa.string_view()),
+        "large": pa.array([b"h\xc3\xa9", bad, b"x"], pa.large_binary()).view(pa.large_string()),
+        "dict": pa.DictionaryArray.from_arrays(pa.array([0, 1, 0]), pa.array(["ab", "cde"])),
+        "struct": pa.array([{"a": "x", "b": ["yy", None]}, None, {"a": None, "b": []}]),
+        "map": pa.array([[("k", "vv")], None, []], pa.map_(pa.string(), pa.string())),
+        "fixed": pa.array([b"abcd", None, b"efgh"], pa.binary(4)), "number": [1, 2, 3]})
+    for t in (table, table.slice(1)):
+        assert list(row_bytes(t)) == [contract.row_bytes(r) for r in python_rows(t)]
+
+
+def test_rows_over_max_row_bytes_are_quarantined_on_every_path():
+    table = canonical_table(random.Random(8), 40, UF, junk=0.0)
+    answers = table.column("response_2").to_pylist()
+    answers[5], answers[9] = "y" * 200_000, "z" * 100_000  # the two largest rows
+    table = _with(table, "response_2", pa.array(answers))
+    limit = int(row_bytes(table.slice(9, 1))[0])  # row 9 is exactly at the limit: kept
+    got = assert_same(table, "canonical", UF, max_row_bytes=limit)
+    assert got.counts["quarantined.row_too_large"] == 1 and got.counts["rows_read"] == 40
+    (q,) = [q for t in got.tables["_quarantine"] for q in t.to_pylist() if q["reason"] == "row_too_large"]
+    assert len(q["record"]) == 1024 and f"over max_row_bytes {limit}" in q["detail"]
+    assert got.vector_rows == vectorised(table, "canonical", UF, get_template("paper")).vector_rows - 1
+
+    lines = [json.dumps(r).encode() for r in python_rows(table)]  # JSON lines: the line's bytes count
+    template = get_template("paper")
+    limit = len(lines[9])
+    expected = Reformulator("canonical", UF, template, 7, 1, HoldoutSplit(0.0, 0), AllOwners(), limit)(lines, "f", "")
+    got = VectorReformulator("canonical", UF, template, 7, 1, HoldoutSplit(0.0, 0), limit)(lines, "f")
+    assert +got.counts == +expected.counts and got.counts["quarantined.row_too_large"] == 1

@@ -121,11 +121,16 @@ def short_repr(value) -> str:
     return utf8_safe(_REPR.repr(value))
 
 
+BOM = "\ufeff"  # a UTF-8 byte order mark, as some editors write it at the start of a file
+
+
 def decode_record(raw) -> dict:
-    """A raw row -> a record dict: JSON lines come as bytes/str, columnar rows as dicts (CSV cells as bytes)."""
+    """A raw row -> a record dict: JSON lines come as bytes/str (a leading byte order mark is dropped), columnar
+    rows as dicts (CSV cells as bytes)."""
     if isinstance(raw, dict):
         return decode_row(raw)
     text = decode_text(raw, "the line") if isinstance(raw, bytes) else raw
+    text = text[1:] if isinstance(text, str) and text.startswith(BOM) else text
     record = parse_json(text, "the line")
     if not isinstance(record, dict):
         raise Rejected("invalid_json", f"a JSON line must hold an object, got {type(record).__name__}")
@@ -151,6 +156,58 @@ def check_bad_fraction(job: str, reasons: Counter, examples: dict[str, str], tot
                     for reason, n in reasons.most_common(TOP_REASONS))
     raise TooManyBadRows(f"{job}: {bad} of {total} input rows ({100 * bad / total:.1f} %) are bad, over "
                          f"max_bad_fraction={limit}; nothing was committed. Top reasons: {top}. Hint: {hint}")
+
+
+class EmptyOutput(RuntimeError):
+    """A run that read no rows, or kept none, would replace the output with nothing (`allow_empty` opts in)."""
+
+
+def check_not_empty(job: str, rows_read: int, rows_out: int, allow_empty: bool, where: str,
+                    reasons: dict[str, int] | None = None) -> None:
+    """Raise EmptyOutput when `rows_read` or `rows_out` is 0, unless `allow_empty`; the message says why."""
+    if allow_empty or (rows_read and rows_out):
+        return
+    hint = f"set allow_empty: true (--allow-empty) to commit an empty {job} output anyway"
+    if not rows_read:
+        raise EmptyOutput(f"{job}: read 0 rows from {where} (empty or blank files), nothing to commit; {hint}")
+    top = ", ".join(f"{r}: {n}" for r, n in sorted((reasons or {}).items(), key=lambda kv: -kv[1])[:TOP_REASONS])
+    raise EmptyOutput(f"{job}: {rows_read} rows read from {where} but none gave an output row"
+                      f"{f' (quarantined: {top})' if top else ''}, nothing to commit; {hint}")
+
+
+# -- the row size limit (`max_row_bytes`) ----------------------------------------------------------------------------
+
+MAX_ROW_BYTES = 1 << 20
+ROW_TOO_LARGE = "row_too_large"
+_KEPT_BYTES = 1024  # of an oversized row, what its quarantine record keeps
+
+
+def row_bytes(raw) -> int:
+    """A row's size as the limit counts it: a JSON line's bytes; for a columnar row (dict) the bytes of its text
+    and binary values, nested ones included (numbers, booleans, nulls and field names count 0)."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    if isinstance(raw, str):
+        return len(raw.encode("utf-8", "surrogatepass"))
+    if isinstance(raw, dict):
+        return sum(row_bytes(v) for v in raw.values())
+    if isinstance(raw, (list, tuple)):
+        return sum(row_bytes(v) for v in raw)
+    return 0
+
+
+def check_row_size(raw, limit: int) -> None:
+    """Rejected(row_too_large) for a row over `limit` bytes (see row_bytes)."""
+    size = row_bytes(raw)
+    if size > limit:
+        raise Rejected(ROW_TOO_LARGE, f"the row holds {size} bytes, over max_row_bytes {limit}; its record keeps "
+                                      f"the first {_KEPT_BYTES} characters")
+
+
+def oversized_record(raw) -> str:
+    """The start of an oversized row for its quarantine record (never the whole row)."""
+    text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else record_json(raw)
+    return text[:_KEPT_BYTES]
 
 
 def evaluation_row(row_id: str, question: str, golden: str, candidates: list[str]) -> dict:

@@ -138,6 +138,8 @@ class EvaluateConfig(Section):
     max_bad_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="share of input rows quarantined above which the job stops before judging, "
         "without committing (the quarantine sample stays in the staging folder)")
+    allow_empty: bool = Field(False, description="commit even when the run read no rows or produced none (by "
+                              "default such a run fails without touching the previous output)")
     copy_threshold: float = Field(0.1, ge=0.0, le=1.0, description="normalised edit distance counted as a copy")
     max_chars: int = Field(20_000, ge=1, le=1_000_000, description="longer texts are quarantined")
     workers: int = Field(1, ge=1, le=1024, description="parallel judge workers (Ray actors)")

@@ -15,7 +15,7 @@ from collections import Counter
 import pyarrow as pa
 
 from metaaligner import storage as st
-from metaaligner.data.contract import check_bad_fraction
+from metaaligner.data.contract import check_bad_fraction, check_not_empty
 from metaaligner.data.ids import content_id, unique_content_ids
 from metaaligner.data.io.row_input import parse_rows, read_row_input
 from metaaligner.evaluation.cache import CANDIDATE_FIRST, ResultCache, digest, order_for, outcome_for
@@ -237,8 +237,8 @@ def run_evaluation(cfg: EvaluateConfig, storage: Storage | StorageConfig | None 
     quarantine = [{"id": m["id"], "reason": m["reason"], "error": m["error"]} for m in meta if m["error"]]
     valid = [m for m in meta if not m["error"]]
 
-    out = StagedOutput(cfg.output, job="evaluate", storage=storage)
     cache = ResultCache(cfg.output, cfg.judge.identity(), storage)
+    out = StagedOutput(cfg.output, job="evaluate", storage=storage)
     try:
         if quarantine:
             _put(out, "_quarantine.jsonl", "".join(json.dumps(q) + "\n" for q in quarantine))
@@ -250,6 +250,7 @@ def run_evaluation(cfg: EvaluateConfig, storage: Storage | StorageConfig | None 
                            f"check that evaluate.question_column={cfg.question_column!r}, golden={cfg.golden!r}, "
                            f"id_column={cfg.id_column!r} and candidates={cfg.candidates} name the input's columns, "
                            f"and that row objectives belong to the set {cfg.objectives!r}")
+        check_not_empty("evaluate", len(meta), len(valid), cfg.allow_empty, cfg.input, dict(reasons))
 
         cached = cache.load()
         rendered = {name: objective_set[name].render() for name in known}

@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
 
 from metaaligner import storage as st
-from metaaligner.data.contract import check_bad_fraction
+from metaaligner.data.contract import check_bad_fraction, check_not_empty
 from metaaligner.data.ids import add_content_ids, content_digest, unique_content_ids
 from metaaligner.data.io.row_input import parse_rows, read_row_input, rows_table
 from metaaligner.objectives import parse_objective_specs
@@ -123,16 +124,26 @@ def _check_columns(cfg: CorrectConfig, columns: set[str]) -> None:
                          f"({list(OUTPUT_COLUMNS)}); rename them")
 
 
-def _decoded_lines(batch: pa.Table, quarantine_uri: str, storage: Storage) -> pa.Table:
+def _decoded_lines(batch: pa.Table, quarantine_uri: str, run_id: str, storage: Storage) -> pa.Table:
     """Ray Data batch function for JSON lines: the rows that decode; the others are written as quarantine records
-    to a shard named by their content (a retried task rewrites the same shard)."""
+    to a shard named by the run and their content (a retried task rewrites the same shard)."""
     rows, quarantined = parse_rows(batch, "jsonl")
     if quarantined:
         text = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined)
-        shard = st.join(quarantine_uri, f"part-{content_digest(text)}.jsonl")
+        shard = st.join(quarantine_uri, f"part-{run_id}-{content_digest(text)}.jsonl")
         with open_output_stream(shard, storage) as f:
             f.write(text.encode("utf-8"))
     return rows_table(rows)
+
+
+def _written(cfg: CorrectConfig, fs, root: str) -> pa.Table:
+    """The status columns of the rows this run wrote (none when the input had no rows)."""
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.path.endswith(".parquet"))
+    schema = pa.schema([(cfg.id_column, pa.string()), *((c, OUTPUT_COLUMNS[c]) for c in (
+        "error", "completion_tokens", "prompt_tokens", "finish_reason", "too_long"))])
+    if not files:
+        return schema.empty_table()
+    return pq.read_table(files, filesystem=fs, columns=schema.names)
 
 
 def _quarantined(out: StagedOutput) -> list[dict]:
@@ -162,6 +173,7 @@ def _summarize(cfg: CorrectConfig, table: pa.Table, quarantined: list[dict], n_f
         "prompt_tokens": int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
         "completion_tokens": completion, "wall_time_s": round(wall, 3),
         "rows_per_s": round(table.num_rows / wall, 3), "generated_tokens_per_s": round(completion / wall, 3),
+        "allow_empty": cfg.allow_empty,
         "concurrency": cfg.concurrency, "batch_size": cfg.batch_size,
         "generation": GenerationParams.resolve(None, cfg.generation).__dict__,
     }
@@ -207,7 +219,8 @@ def run_correction(cfg: CorrectConfig, storage: Storage | StorageConfig | None =
         ds = rows.dataset
         if rows.kind == "jsonl":
             ds = ds.map_batches(_decoded_lines, batch_format="pyarrow",
-                                fn_kwargs={"quarantine_uri": out.path(QUARANTINE), "storage": storage})
+                                fn_kwargs={"quarantine_uri": out.path(QUARANTINE), "run_id": out.run_id,
+                                           "storage": storage})
         renumbered = 0
         if cfg.id_column not in rows.columns:
             ds = ds.map_batches(add_content_ids, batch_format="pyarrow", fn_kwargs={"column": cfg.id_column})
@@ -215,12 +228,13 @@ def run_correction(cfg: CorrectConfig, storage: Storage | StorageConfig | None =
         ds = ds.map_batches(CorrectorActor, fn_constructor_kwargs={"config": cfg, "storage": storage},
                             batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.concurrency,
                             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-        fs, root = out.filesystem()
-        ds.write_parquet(root, filesystem=fs)
-        table = pq.read_table(root, filesystem=fs, columns=[cfg.id_column, "error", "completion_tokens",
-                                                             "prompt_tokens", "finish_reason", "too_long"])
+        fs, root = out.filesystem()  # part files named by the run, like every job's (metaaligner.outputs)
+        ds.write_parquet(root, filesystem=fs, filename_provider=FilenameProvider(f"part-{out.run_id}", "parquet"))
+        table = _written(cfg, fs, root)
         quarantined = _quarantined(out)
         _check_errors(cfg, table, quarantined)
+        check_not_empty("correct", table.num_rows + len(quarantined), table.num_rows, cfg.allow_empty, cfg.input,
+                        dict(Counter(q["reason"] for q in quarantined)))
     except Exception as e:
         raise out.fail(e) from e
     summary = _summarize(cfg, table, quarantined, len(rows.files), rows.kind, renumbered,

@@ -229,6 +229,8 @@ class CorrectConfig(CorrectorConfig):
         "row's `too_long` is true and the job goes on")
     max_bad_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of rows in error above which the job "
                                     "exits non-zero without committing (the staged output stays readable)")
+    allow_empty: bool = Field(False, description="commit even when the run read no rows or produced none (by "
+                              "default such a run fails without touching the previous output)")
     batch_size: int = Field(16, ge=1, description="rows per generate call")
     concurrency: int = Field(1, ge=1, description="corrector actors in the pool")
     num_cpus: float = Field(1.0, ge=0, description="per corrector actor")

@@ -64,6 +64,7 @@ def jsonl_lines(fs, path: str, batch_size: int) -> Iterator[list[bytes]]:
 
 
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+_CSV_READ = pacsv.ReadOptions(block_size=16 << 20)  # a row must fit a block: rows to ~16 MiB reach max_row_bytes
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _csv(fs, path: str, batch_size: int, columns: list[str] | None) -> Iterator[
     with fs.open_input_stream(path, compression="detect") as f:
         pending: list[pa.RecordBatch] = []
         rows = 0
-        for batch in pacsv.open_csv(f, parse_options=_CSV_PARSE, convert_options=convert):
+        for batch in pacsv.open_csv(f, read_options=_CSV_READ, parse_options=_CSV_PARSE, convert_options=convert):
             pending.append(batch)
             rows += batch.num_rows
             while rows >= batch_size:

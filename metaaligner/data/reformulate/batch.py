@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from metaaligner.data.contract import ITEM_SCHEMA, QUARANTINE_SCHEMA, SUBSETS, TEST_SCHEMA, TEST_SUBSET
-from metaaligner.data.io.columns import python_rows
+from metaaligner.data.contract import (ITEM_SCHEMA, MAX_ROW_BYTES, QUARANTINE_SCHEMA, SUBSETS, TEST_SCHEMA,
+                                       TEST_SUBSET)
+from metaaligner.data.io.columns import plain_table, python_rows, row_bytes
 from metaaligner.data.reformulate.column_algorithm import BETTER_1, BETTER_2, EQUAL, VectorAlgorithm
 from metaaligner.data.reformulate.column_checks import CanonicalColumns
 from metaaligner.data.reformulate.holdout import HoldoutSplit, QuestionOverlap
@@ -57,8 +58,9 @@ class VectorReformulator:
     """Per batch: the column path for the rows it can prove valid, the per-row path for the rest."""
 
     def __init__(self, fmt: str, objectives: ObjectiveSet, template: Template, seed: int,
-                 score_decimals: int | None, split: HoldoutSplit):
+                 score_decimals: int | None, split: HoldoutSplit, max_row_bytes: int = MAX_ROW_BYTES):
         self._settings = (fmt, objectives, template, seed, score_decimals, split)
+        self.max_row_bytes = max_row_bytes
         self.per_row = self.per_row_with(AllOwners())
         self.columns = CanonicalColumns(fmt, objectives, score_decimals)
         self.algorithm = VectorAlgorithm(objectives, template, seed)
@@ -66,12 +68,14 @@ class VectorReformulator:
 
     def per_row_with(self, registry) -> Reformulator:
         """The per-row path with its own duplicate-id registry (the resolve step's decided owners)."""
-        return Reformulator(*self._settings, registry)
+        return Reformulator(*self._settings, registry, self.max_row_bytes)
 
     def __call__(self, batch: pa.Table | list, source: str = "", defer: np.ndarray | None = None) -> BatchOutput:
         """`batch`: an Arrow table (columnar input) or a list of raw rows (JSON lines); `defer`: row indices to
         leave out (their ids occur more than once in the input)."""
         out = BatchOutput()
+        if isinstance(batch, pa.Table):
+            batch = plain_table(batch)  # dictionary and view columns as plain ones: the column checks and `take`
         n = batch.num_rows if isinstance(batch, pa.Table) else len(batch)
         active = np.ones(n, dtype=bool)
         if defer is not None and len(defer):
@@ -81,7 +85,7 @@ class VectorReformulator:
             mapped = self.columns(batch)
             if mapped is not None:
                 pairs, ok = mapped
-                vector = ok & active
+                vector = ok & active & (row_bytes(batch) <= self.max_row_bytes)  # the per-row path quarantines
                 if self.split.active and vector.any():
                     rows = np.nonzero(vector)[0]
                     held = self.split.held_out_many(pairs.question.take(pa.array(rows, pa.int64())))

@@ -53,6 +53,10 @@ class ReformulateConfig(Section):
                                     "(duplicates excluded) the run fails without committing")
     on_bad_file: Literal["fail", "quarantine"] = Field(
         "fail", description="a corrupt or unreadable input file fails the run, or is recorded in the summary")
+    max_row_bytes: int = Field(1 << 20, ge=1, description="a row over this many bytes (a JSON line's bytes; a "
+                               "Parquet/CSV row's text and binary values) is quarantined as row_too_large")
+    allow_empty: bool = Field(False, description="commit even when the run read no rows or produced none (by "
+                              "default such a run fails without touching the previous output)")
     include_test_files: bool = Field(False, description="read files named test.* / test_*.* and test/ folders too")
     batch_size: int = Field(8192, ge=1)
     concurrency: int | None = Field(None, ge=1, description="parallel transform tasks (None: Ray decides)")

@@ -12,7 +12,7 @@ import ray
 from metaaligner import storage as st
 from metaaligner.data.reformulate.config import ReformulateConfig
 from metaaligner.storage import Storage, StorageConfig
-from metaaligner.data.contract import SUBSETS, TooManyBadRows
+from metaaligner.data.contract import SUBSETS, EmptyOutput, TooManyBadRows, check_not_empty
 from metaaligner.data.duplicates.candidate_ids import RowIds
 from metaaligner.data.duplicates.passes import find, find_in_driver
 from metaaligner.data.io import discovery
@@ -64,7 +64,8 @@ def summarize(result: TaskResult, wall_time_s: float, cfg: ReformulateConfig, fi
                                   "valid_pairs", "pairs_quarantined", "training_pairs", "holdout_pairs", "test_rows",
                                   "holdout_no_golden", "test_rows_quarantined", "ratings_non_numeric",
                                   "empty_objectives")},
-        "bad_fraction": round(counts["rows_bad"] / rows_read, 6) if rows_read else 0.0,
+        "bad_fraction": round(counts["rows_bad"] / rows_read, 6) if rows_read else None,
+        "allow_empty": cfg.allow_empty, "max_row_bytes": cfg.max_row_bytes,
         "duplicates": quarantined.get(DUPLICATE_ID, 0),
         "quarantined": sum(quarantined.values()),
         "quarantined_by_reason": quarantined,
@@ -147,18 +148,19 @@ def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig |
         check_separate(cfg.input, cfg.output)
     sources = _sources(cfg, storage)
     row_ids, local_limit = RowIds(cfg.format, objectives), cfg.duplicate_check_local_mb << 20
-    with ThreadPoolExecutor(max_workers=1) as pool:  # a small input's find step runs while Ray starts
-        early = pool.submit(find_in_driver, sources, row_ids, local_limit)
-        _local_ray()
-        early = early.result()
-    split = build_split(cfg, sources, storage)  # last_n / questions_from: their question set, before any item
-    timings = {"ray_ready_s": round(time.perf_counter() - started, 3)}
-    output = StagedOutput(cfg.output, job=JOB, storage=storage)
-    scratch = st.join(output.uri, STAGING, f"{output.run_id}-duplicates")  # cleaned with _staging/
-    reformulator = VectorReformulator(cfg.format, objectives, template, cfg.seed, cfg.tie_decimals, split)
+    output = StagedOutput(cfg.output, job=JOB, storage=storage)  # the output's lease: one run at a time
+    scratch = st.join(output.uri, STAGING, f"{output.run_id}-duplicates")  # cleaned with this run's staging
     log.info("reformulating %s (%s, %s) -> %s (staging %s)", cfg.input, sources.kind or "dataset", cfg.format,
              cfg.output, output.staging_uri)
     try:
+        with ThreadPoolExecutor(max_workers=1) as pool:  # a small input's find step runs while Ray starts
+            early = pool.submit(find_in_driver, sources, row_ids, local_limit)
+            _local_ray()
+            early = early.result()
+        split = build_split(cfg, sources, storage)  # last_n / questions_from: their question set, before any item
+        timings = {"ray_ready_s": round(time.perf_counter() - started, 3)}
+        reformulator = VectorReformulator(cfg.format, objectives, template, cfg.seed, cfg.tie_decimals, split,
+                                          cfg.max_row_bytes)
         deferred, check = early or find(sources, row_ids, cfg.batch_size, local_limit)
         mark = time.perf_counter()
         sink = ReformulationSink(reformulator, output, sources, cfg.batch_size, cfg.on_bad_file, storage,
@@ -178,13 +180,19 @@ def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig |
     summary = {**summarize(result, time.perf_counter() - started, cfg, files, split), "run_id": output.run_id,
                "duplicate_check": check, "column_path_rows": result.column_rows,
                "worker_nodes": len(result.nodes), "timings": timings}
-    if summary["bad_fraction"] > cfg.max_bad_fraction:
+    if summary["bad_fraction"] is not None and summary["bad_fraction"] > cfg.max_bad_fraction:
         storage.write_json(output.path("_summary.json"), {**summary, "committed": False})
         raise output.fail(TooManyBadRows(bad_rows_report(summary, result.examples, cfg)))
     if summary["bad_files"] and not summary["rows_read"]:
         first = summary["bad_files"][0]
         raise output.fail(RuntimeError(f"none of the {len(summary['bad_files'])} input files could be read (e.g. "
                                        f"{first['path']}: {first['error']}); nothing to commit"))
+    try:
+        check_not_empty(JOB, summary["rows_read"], summary["items_total"] + summary["test_rows"], cfg.allow_empty,
+                        f"{files} input files under {cfg.input}" if files is not None else cfg.input,
+                        summary["quarantined_by_reason"])
+    except EmptyOutput as e:
+        raise output.fail(e) from None
     if summary["bad_files"]:
         log.warning("%d input file(s) could not be read and were skipped (on_bad_file: quarantine): %s",
                     len(summary["bad_files"]), ", ".join(f["path"] for f in summary["bad_files"][:5]))

@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 
 from metaaligner.data.contract import (
     ITEM_SCHEMA,
+    MAX_ROW_BYTES,
+    ROW_TOO_LARGE,
     SUBSETS,
     TEST_SCHEMA,
     TEST_SUBSET,
     Rejected,
+    check_row_size,
     decode_record,
+    oversized_record,
     record_json,
     utf8_safe,
 )
@@ -86,11 +90,12 @@ class Reformulator:
     """
 
     def __init__(self, fmt: str, objectives: ObjectiveSet, template: Template, seed: int,
-                 score_decimals: int | None, split: HoldoutSplit, registry):
+                 score_decimals: int | None, split: HoldoutSplit, registry, max_row_bytes: int = MAX_ROW_BYTES):
         self.format = FORMATS[fmt]
         self.objectives, self.template = objectives, template
         self.seed, self.score_decimals = seed, score_decimals
         self.split, self.registry = split, registry
+        self.max_row_bytes = max_row_bytes
 
     # -- quarantine ---------------------------------------------------------------------------------------------
     def _quarantine(self, out: BatchResult, reason: str, detail: str, record, source: str) -> None:
@@ -111,10 +116,12 @@ class Reformulator:
         """Decode, adapt, validate and split one row; None when the whole row is quarantined."""
         out.counts["rows_read"] += 1
         try:
+            check_row_size(raw, self.max_row_bytes)
             record = decode_record(raw)
             candidates = self.format.adapt(record, self.objectives, out.counts)
         except Exception as e:  # noqa: BLE001 — every failure of one row is that row's quarantine record
-            self._reject(out, e, _original(raw), source)
+            too_large = isinstance(e, Rejected) and e.reason == ROW_TOO_LARGE
+            self._reject(out, e, oversized_record(raw) if too_large else _original(raw), source)
             out.counts["rows_quarantined"] += 1
             out.counts["rows_bad"] += 1
             return None

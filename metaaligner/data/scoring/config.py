@@ -56,6 +56,9 @@ class ScoreConfig(Section):
     max_bad_fraction: float = Field(0.5, ge=0, le=1, description="above this share of rows quarantined the run "
                                                                   "fails without committing")
 
+    allow_empty: bool = Field(False, description="commit even when the run read no rows or produced none (by "
+                              "default such a run fails without touching the previous output)")
+
     @model_validator(mode="after")
     def _unique_names(self) -> "ScoreConfig":
         names = [m.name for m in self.reward_models]

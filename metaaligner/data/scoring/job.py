@@ -25,7 +25,7 @@ from metaaligner import storage as st
 from metaaligner.data.scoring.config import ScoreConfig
 from metaaligner.storage import Storage, StorageConfig
 from metaaligner.data.io import discovery
-from metaaligner.data.contract import check_bad_fraction
+from metaaligner.data.contract import check_bad_fraction, check_not_empty
 from metaaligner.data.formats.hh_rlhf_raw import split_batch, SPLIT_SCHEMA
 from metaaligner.data.contract import record_json
 from metaaligner.data.contract import QUARANTINE_SCHEMA
@@ -180,18 +180,17 @@ class Tally:
             mine.merge(theirs)
 
 
-def _write_table(uri: str, table: pa.Table, storage: Storage) -> None:
-    """One Parquet file that appears only complete (aborted, not half-written, on error)."""
-    with open_output_stream(uri, storage) as f:
-        pq.write_table(table, f, compression="zstd", row_group_size=ROWS_PER_FILE)
+def _write_table(stream, table: pa.Table) -> None:
+    """One Parquet file into a stream that appears only complete (aborted, not half-written, on error)."""
+    pq.write_table(table, stream, compression="zstd", row_group_size=ROWS_PER_FILE)
 
 
 class RawScoreSink(Datasink[Tally]):
-    """Pass 1 writer: scored rows -> `_raw/`, quarantined rows -> `_quarantine/`, one file pair per write task
-    (named by task index, so a retried task replaces its own files)."""
+    """Pass 1 writer: scored rows -> `_raw/` (staged, read by pass 2), quarantined rows -> `_quarantine/`, one file
+    pair per write task (named by run and task index, so a retried task replaces its own files)."""
 
-    def __init__(self, staging_uri: str, storage: Storage, n_models: int):
-        self.staging_uri, self.storage, self.n_models = staging_uri, storage, n_models
+    def __init__(self, out: StagedOutput, storage: Storage, n_models: int):
+        self.out, self.storage, self.n_models = out, storage, n_models
         self.tally = Tally(histograms=[ValueHistogram() for _ in range(n_models)])
 
     @property
@@ -209,16 +208,18 @@ class RawScoreSink(Datasink[Tally]):
         bad = table.filter(table.column("reason").is_valid())
         tally.rows_read, tally.rows_scored = table.num_rows, good.num_rows
         tally.notes.update(note for note in good.column("note").to_pylist() if note)
-        name = f"part-{ctx.task_idx:05d}.parquet"
+        name = f"part-{self.out.run_id}-{ctx.task_idx:05d}.parquet"
         if good.num_rows:
             raw = good.select([*TEXT_COLUMNS, *score_columns(self.n_models, "raw")])
-            _write_table(st.join(self.staging_uri, RAW_DIR, name), raw, self.storage)
+            with open_output_stream(self.out.path(RAW_DIR, name), self.storage) as f:
+                _write_table(f, raw)
             for k, hist in enumerate(tally.histograms, start=1):
                 hist.add(np.concatenate([raw.column(f"chosen_raw{k}").to_numpy(),
                                          raw.column(f"rejected_raw{k}").to_numpy()]))
         if bad.num_rows:
             quarantine = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
-            _write_table(st.join(self.staging_uri, QUARANTINE_DIR, name), quarantine, self.storage)
+            with self.out.open(QUARANTINE_DIR, name) as f:
+                _write_table(f, quarantine)
             for row in quarantine.select(["reason", "detail", "record"]).to_pylist():
                 tally.quarantined[row["reason"]] += 1
                 tally.examples.setdefault(row["reason"], f"{row['detail']} | {row['record'][:EXAMPLE_CHARS]}")
@@ -240,10 +241,10 @@ def normalise_batch(batch: pa.Table, stats: list[dict]) -> pa.Table:
 
 
 class ScoreSink(Datasink[int]):
-    """Pass 2 writer: the normalised rows -> `part-NNNNN.parquet` at the top of the staging folder."""
+    """Pass 2 writer: the normalised rows -> `part-<run id>-NNNNN.parquet` at the top of the output."""
 
-    def __init__(self, staging_uri: str, storage: Storage):
-        self.staging_uri, self.storage = staging_uri, storage
+    def __init__(self, out: StagedOutput):
+        self.out = out
         self.rows_written = 0
 
     @property
@@ -255,7 +256,8 @@ class ScoreSink(Datasink[int]):
         if not tables:
             return 0
         table = pa.concat_tables(tables)
-        _write_table(st.join(self.staging_uri, f"part-{ctx.task_idx:05d}.parquet"), table, self.storage)
+        with self.out.open(f"part-{self.out.run_id}-{ctx.task_idx:05d}.parquet") as f:
+            _write_table(f, table)
         return table.num_rows
 
     def on_write_complete(self, write_result) -> None:
@@ -302,7 +304,7 @@ def _score_pass(cfg: ScoreConfig, storage: Storage, out: StagedOutput) -> tuple[
                         batch_size=cfg.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-    sink = RawScoreSink(out.staging_uri, storage, len(cfg.reward_models))
+    sink = RawScoreSink(out, storage, len(cfg.reward_models))
     ds.write_datasink(sink)
     return sink.tally, kind, n_files
 
@@ -315,7 +317,7 @@ def _normalise_pass(out: StagedOutput, storage: Storage, stats: list[dict]) -> i
     if not files:
         return 0
     fs, raw_path = storage.filesystem(raw_uri)
-    sink = ScoreSink(out.staging_uri, storage)
+    sink = ScoreSink(out)
     ray.data.read_parquet(files, filesystem=fs).map_batches(
         normalise_batch, fn_kwargs={"stats": stats}, batch_format="pyarrow").write_datasink(sink)
     fs.delete_dir(raw_path)  # intermediate only: the commit publishes the final Parquet and the quarantine
@@ -353,6 +355,8 @@ def run_scoring(cfg: ScoreConfig, storage: Storage | StorageConfig | None = None
             raise RuntimeError(f"counts do not reconcile: {tally.rows_read} read, {tally.rows_scored} scored, "
                                f"{quarantined} quarantined")
         check_bad_fraction("score", tally.quarantined, tally.examples, tally.rows_read, cfg.max_bad_fraction, HINT)
+        check_not_empty("score", tally.rows_read, tally.rows_scored, cfg.allow_empty, cfg.input,
+                        dict(tally.quarantined))
         stats = [h.stats() for h in tally.histograms]
         written = _normalise_pass(out, storage, stats)
         if written != tally.rows_scored:
@@ -367,7 +371,8 @@ def run_scoring(cfg: ScoreConfig, storage: Storage | StorageConfig | None = None
             "reward_models": [p.describe() for p in plans],
             "rows_read": tally.rows_read, "rows_scored": tally.rows_scored, "rows_quarantined": quarantined,
             "quarantined_by_reason": dict(sorted(tally.quarantined.items())),
-            "bad_fraction": round(quarantined / tally.rows_read, 6) if tally.rows_read else 0.0,
+            "bad_fraction": round(quarantined / tally.rows_read, 6) if tally.rows_read else None,
+            "allow_empty": cfg.allow_empty,
             "max_bad_fraction": cfg.max_bad_fraction,
             "split": cfg.split, "split_notes": dict(sorted(tally.notes.items())),
             "length_of": cfg.length_of, "min_tokens": cfg.min_tokens,
