@@ -128,7 +128,7 @@ def _train(args) -> int:
     summaries = run_training(tr, cfg.storage, args.stage)
     for name, s in summaries.items():
         print(f"{name}: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}, "
-              f"{s['dropped']} rows dropped, exported {s['export']}")
+              f"{s['dropped']} rows dropped, exported {', '.join(filter(None, (s.get('adapter'), s['export'])))}")
     return 0
 
 

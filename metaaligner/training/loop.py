@@ -27,7 +27,7 @@ from metaaligner.training.tokens import TokenStore
 PREFETCH = 4  # micro-batches collated ahead
 
 
-def _build_engine(cfg: dict, model_dir: Path, kernels: str):
+def _build_engine(cfg: dict, model_dir: Path, kernels: str, adapter_dir: Path | None = None):
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -48,9 +48,17 @@ def _build_engine(cfg: dict, model_dir: Path, kernels: str):
     if cfg["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fused = apply_liger(model, ds_config["zero_optimization"]["stage"]) if kernels == "liger" else None
+    if cfg.get("lora"):  # the adapter only is trainable: DeepSpeed shards, checkpoints and updates just that
+        from metaaligner.training.config import LoraSettings
+        from metaaligner.training.lora import attach
+
+        model = attach(model, LoraSettings(**cfg["lora"]), adapter_dir)
     wrapped = TargetTokenLoss(model, fused)
     engine, *_ = deepspeed.initialize(
         model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config)
+    # WarmupCosineLR starts at iteration -1, which it answers with lr 0: step 1 would not train. One scheduler step
+    # here makes optimizer step k use iteration k-1 (a resume restores the scheduler's own state afterwards).
+    engine.lr_scheduler.step()
     return engine, hf_ds, fused is not None
 
 
@@ -156,11 +164,10 @@ def train_func(cfg: dict) -> None:
     import ray.train as rt
     import torch.distributed as dist
 
-    from metaaligner import storage as st
     from metaaligner.storage import Storage, StorageConfig
     from metaaligner.modeling import local_model_dir
     from metaaligner.training.checkpoints import upload_checkpoint, verify_checkpoint
-    from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder
+    from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder, write_folder
     from metaaligner.training.kernels import select_kernels
     from metaaligner.training.metrics import StepLogger, peak_flops_per_worker
 
@@ -174,7 +181,13 @@ def train_func(cfg: dict) -> None:
     prepare_backend(cfg["attn_implementation"], use_gpu)
     kernels = select_kernels(cfg["kernels"], use_gpu)
     model_dir = local_model_dir(cfg["model_uri"], storage)
-    engine, _hf_ds, fused = _build_engine(cfg, model_dir, kernels)
+    lora = bool(cfg.get("lora"))
+    adapter_dir = None
+    if lora and cfg.get("adapter_uri"):
+        from metaaligner.training.lora import local_adapter_dir
+
+        adapter_dir = local_adapter_dir(cfg["adapter_uri"], storage)
+    engine, _hf_ds, fused = _build_engine(cfg, model_dir, kernels, adapter_dir)
     stage = cfg["stage"]
     if rank == 0:
         fallback = " (liger's fused loss is off under ZeRO-3: lm_head is partitioned)" if kernels == "liger" else ""
@@ -192,7 +205,7 @@ def train_func(cfg: dict) -> None:
     if checkpoint:
         verify_checkpoint(checkpoint.filesystem, checkpoint.path, world)
         with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d)
+            _, client = engine.load_checkpoint(d, load_module_strict=not lora)
             if rank == 0:
                 _restore_logs(d, log_dir)
         if client.get("plan_digest") != cfg["plan_digest"]:
@@ -212,7 +225,8 @@ def train_func(cfg: dict) -> None:
         dist.all_gather_object(digests, digest)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=f"step{step_done}", client_state={"step": step_done, "digests": digests,
-                                                                          "plan_digest": cfg["plan_digest"]})
+                                                                          "plan_digest": cfg["plan_digest"]},
+                                   exclude_frozen_parameters=lora)  # LoRA: the adapter and its optimizer state
             if rank == 0:
                 Path(tmp, "data_position.json").write_text(json.dumps(
                     {"stage": stage, "step": step_done, "total_steps": n_steps, "digests": digests}))
@@ -287,14 +301,17 @@ def train_func(cfg: dict) -> None:
         save(n_steps, metrics)
 
     dtype = DTYPES[cfg["export_dtype"]]
-    state = gather_state_dict(engine.module.model, dtype, rank)
+    if lora:
+        from metaaligner.training.lora import export_stage
+
+        export_stage(engine.module.model, cfg, model_dir, dtype, rank, storage)
+    else:
+        state = gather_state_dict(engine.module.model, dtype, rank)
+        if rank == 0:
+            write_folder(cfg["export_uri"], storage, lambda local: save_hf_folder(
+                local, state, engine.module.model.config, model_dir, dtype))
     if rank == 0:
         logger.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            local = cfg["export_uri"] if not st.is_s3(cfg["export_uri"]) else tmp
-            save_hf_folder(local, state, engine.module.model.config, model_dir, dtype)
-            if st.is_s3(cfg["export_uri"]):
-                storage.copy_dir(tmp, cfg["export_uri"])
         storage.copy_dir(str(log_dir), cfg["logs_uri"])
-        print(f"[{stage}] exported {cfg['export_uri']}", flush=True)
+        print(f"[{stage}] exported {cfg['adapter_export_uri'] if lora else cfg['export_uri']}", flush=True)
     dist.barrier()
