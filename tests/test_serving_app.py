@@ -123,7 +123,8 @@ def test_correct_contract(api_url):
                                        "generation": {"max_new_tokens": 5}})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"correction", "objectives", "template", "model", "finish_reason", "usage", "latency_ms"}
+    assert set(body) == {"correction", "objectives", "template", "model", "corrector", "finish_reason", "usage",
+                         "latency_ms"}
     assert body["objectives"] == ["Honesty", "Brevity"] and body["template"] == "paper"
     assert isinstance(body["correction"], str) and "Question:" not in body["correction"]  # only the new text
     assert 1 <= body["usage"]["completion_tokens"] <= 5 and body["usage"]["prompt_tokens"] > 20

@@ -184,7 +184,7 @@ def train_func(cfg: dict) -> None:
     lora = bool(cfg.get("lora"))
     adapter_dir = None
     if lora and cfg.get("adapter_uri"):
-        from metaaligner.training.lora import local_adapter_dir
+        from metaaligner.modeling import local_adapter_dir
 
         adapter_dir = local_adapter_dir(cfg["adapter_uri"], storage)
     engine, _hf_ds, fused = _build_engine(cfg, model_dir, kernels, adapter_dir)

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 from metaaligner import storage as st
+from metaaligner.modeling import list_adapter_files
 from metaaligner.outputs import read_manifest
 from metaaligner.storage import Storage
 from metaaligner.training.config import STAGES, LoraSettings, TrainConfig
 
 ADAPTER = "adapter"  # a stage's adapter export, next to model/ and logs/
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PEFT_PREFIX = "base_model.model."  # PeftModel's parameter names wrap the HF model's
 
 
@@ -34,43 +31,17 @@ def stage_adapter_input(cfg: TrainConfig, stage: str) -> str | None:
     return st.join(cfg.output, earlier[-1], ADAPTER) if earlier else None
 
 
-def check_adapter_folder(uri: str, storage: Storage) -> dict[str, tuple[int, int]]:
-    """name -> (size, mtime) of an adapter folder's files, or a clear error."""
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"adapter folder not found: {uri}")
-    files = {i.path[len(path):].lstrip("/"): (i.size or 0, i.mtime_ns or 0)
-             for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File}
-    missing = [n for n in ADAPTER_FILES if n not in files]
-    if missing:
-        raise FileNotFoundError(f"{uri}: not a PEFT adapter folder (missing {missing}; safetensors only)")
-    return files
-
-
 def adapter_digest(uri: str | None, storage: Storage) -> str | None:
     """A stage export: the committed stage's run id; any other adapter folder: its files' sizes and times."""
     if uri is None:
         return None
-    files = check_adapter_folder(uri, storage)
+    files = list_adapter_files(uri, storage)
     manifest = read_manifest(uri.rstrip("/").rpartition("/")[0], storage)
     if manifest and str(manifest.get("job", "")).startswith("train-"):
         payload: object = {"run_id": manifest["run_id"]}
     else:
         payload = sorted((n, size, mtime) for n, (size, mtime) in files.items())
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def local_adapter_dir(uri: str, storage: Storage) -> Path:
-    """The folder itself when local; else a fresh local copy of its two files (a few MB)."""
-    check_adapter_folder(uri, storage)
-    if not st.is_s3(uri):
-        return Path(uri).expanduser().resolve()
-    folder = Path(tempfile.mkdtemp(prefix="metaaligner-adapter-"))
-    fs, path = storage.filesystem(uri)
-    for name in ADAPTER_FILES:
-        pafs.copy_files(f"{path}/{name}", str(folder / name), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-    return folder
 
 
 def peft_config(settings: LoraSettings):

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 from metaaligner import storage as st
 from metaaligner.storage import Storage, StorageConfig
 from metaaligner.data.io.discovery import discover
-from metaaligner.modeling import list_model_files, load_tokenizer, local_model_dir
+from metaaligner.modeling import list_adapter_files, list_model_files, load_tokenizer, local_model_dir
 from metaaligner.outputs import StagedOutput, read_manifest
 from metaaligner.training.config import STAGES, TrainConfig
 from metaaligner.training.deepspeed_config import build_deepspeed_config
 from metaaligner.training.digest import stage_digest
-from metaaligner.training.lora import ADAPTER, check_adapter_folder, stage_adapter_input
+from metaaligner.training.lora import ADAPTER, stage_adapter_input
 from metaaligner.training.metrics import ANCHOR_CONVENTION, CONVENTION, LORA_CONVENTION, ModelShape
 from metaaligner.training.packing import plan_stage, step_stats
 from metaaligner.training.tokenize import DROPPED, REQUIRED_COLUMNS, collect_index, tokenize_dataset
@@ -69,7 +69,7 @@ def preflight(cfg: TrainConfig, storage: Storage, stages: list[str]) -> None:
     try:
         list_model_files(first, storage)
         if adapter is not None:
-            check_adapter_folder(adapter, storage)
+            list_adapter_files(adapter, storage)
     except FileNotFoundError:
         if first == cfg.base_model and adapter is None:
             raise

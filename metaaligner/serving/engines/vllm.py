@@ -8,9 +8,10 @@ tests run only where `import vllm` works and a GPU is present.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from metaaligner.serving.config import CorrectorConfig
 from metaaligner.serving.engines.contract import (
@@ -47,7 +48,7 @@ class _Request:
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, config: CorrectorConfig, storage=None):
+    def __init__(self, config: CorrectorConfig, storage=None, adapters: Sequence[str] = ()):
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -55,16 +56,22 @@ class VLLMEngine(Engine):
             raise EngineError("engine `vllm` needs vLLM (pip install 'ray[llm]==2.60.0' on a GPU machine); "
                               "use engine: hf") from e
         from metaaligner.storage import Storage
-        from metaaligner.modeling import check_model_folder, load_tokenizer, local_model_dir
+        from metaaligner.modeling import check_model_folder, load_tokenizer, local_adapter_dir, local_model_dir
 
-        folder = check_model_folder(local_model_dir(config.model, Storage.of(storage), cache_dir=config.cache_dir))
+        storage = Storage.of(storage)
+        folder = check_model_folder(local_model_dir(config.model, storage, cache_dir=config.cache_dir))
+        keys = list(dict.fromkeys([*([config.adapter] if config.adapter else []), *adapters]))
+        # LoRA adapters as vLLM LoRA requests (experimental, like this engine): one id per adapter folder
+        self._loras = {key: (i + 1, local_adapter_dir(key, storage, config.cache_dir)) for i, key in enumerate(keys)}
+        ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for _, path in self._loras.values()]
+        lora_args = {"enable_lora": True, "max_loras": len(ranks), "max_lora_rank": max(ranks)} if ranks else {}
         tokenizer = load_tokenizer(folder, trust_remote_code=config.trust_remote_code, padding_side="left")
         v = config.vllm
         args = AsyncEngineArgs(model=str(folder), tokenizer=str(folder), trust_remote_code=config.trust_remote_code,
                                dtype="auto" if config.dtype == "auto" else config.dtype,
                                gpu_memory_utilization=v.gpu_memory_utilization, max_num_seqs=v.max_num_seqs,
                                max_model_len=v.max_model_len, tensor_parallel_size=v.tensor_parallel_size,
-                               enforce_eager=v.enforce_eager, load_format="safetensors")
+                               enforce_eager=v.enforce_eager, load_format="safetensors", **lora_args)
         self.llm = AsyncLLM.from_engine_args(args)
         context = v.max_model_len or int(self.llm.model_config.max_model_len)
         super().__init__(PromptEncoder(tokenizer, context, config.max_input_tokens))
@@ -74,13 +81,22 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams, TokensPrompt
 
         rid = uuid.uuid4().hex
+        lora = None
+        if params.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            if params.adapter not in self._loras:
+                raise EngineError(f"adapter {params.adapter} is not loaded on this engine")
+            lora_id, path = self._loras[params.adapter]
+            lora = LoRARequest(f"adapter-{lora_id}", lora_id, str(path))
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0)
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump():
             try:
-                async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), sampling, rid):
+                async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), sampling, rid,
+                                                   lora_request=lora):
                     queue.put_nowait(out)
             except Exception as e:  # noqa: BLE001 - delivered to the consumer
                 queue.put_nowait(e)
