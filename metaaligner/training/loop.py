@@ -50,10 +50,12 @@ def _build_engine(cfg: dict, model_dir: Path, kernels: str, adapter_dir: Path | 
     fused = apply_liger(model, ds_config["zero_optimization"]["stage"]) if kernels == "liger" else None
     if cfg.get("lora"):  # the adapter only is trainable: DeepSpeed shards, checkpoints and updates just that
         from metaaligner.training.config import LoraSettings
-        from metaaligner.training.lora import attach
+        from metaaligner.training.lora import adapter_only_checkpoints, attach
 
         model = attach(model, LoraSettings(**cfg["lora"]), adapter_dir)
     wrapped = TargetTokenLoss(model, fused)
+    if cfg.get("lora"):
+        adapter_only_checkpoints(wrapped)
     engine, *_ = deepspeed.initialize(
         model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config)
     # WarmupCosineLR starts at iteration -1, which it answers with lr 0: step 1 would not train. One scheduler step

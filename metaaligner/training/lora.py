@@ -57,9 +57,13 @@ def attach(model, settings: LoraSettings, adapter_dir: Path | None):
     from peft import get_peft_model, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    peft_model = get_peft_model(model, peft_config(settings))
+    unmatched = f"train.lora.target_modules {settings.target_modules} matched no layer of the model"
+    try:
+        peft_model = get_peft_model(model, peft_config(settings))
+    except ValueError as e:  # PEFT refuses target modules it cannot find
+        raise ValueError(f"{unmatched}: {e}") from e
     if not any(p.requires_grad for p in peft_model.parameters()):
-        raise ValueError(f"train.lora.target_modules {settings.target_modules} matched no layer of the model")
+        raise ValueError(unmatched)
     if adapter_dir is not None:
         saved = json.loads((adapter_dir / "adapter_config.json").read_text())
         expected = {"r": settings.r, "lora_alpha": settings.alpha, "target_modules": sorted(settings.target_modules)}
@@ -75,6 +79,19 @@ def attach(model, settings: LoraSettings, adapter_dir: Path | None):
             raise ValueError(f"the adapter {adapter_dir} does not fit the model: unexpected "
                              f"{result.unexpected_keys[:3]}, missing {missing[:3]}")
     return peft_model
+
+
+def adapter_only_checkpoints(module) -> None:
+    """`module.state_dict()` (what DeepSpeed checkpoints as the module state) keeps the trainable tensors only.
+    DeepSpeed's exclude_frozen_parameters misses a frozen weight tied to another (lm_head = embed_tokens: the
+    state dict names both, named_parameters only one), which would put a full embedding into every checkpoint."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+
+    def keep_trainable(_module, state, prefix, _metadata):
+        for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] not in trainable]:
+            del state[key]
+
+    module.register_state_dict_post_hook(keep_trainable)
 
 
 def trainable_state(module, dtype, rank: int) -> dict:
