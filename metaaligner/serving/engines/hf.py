@@ -89,7 +89,10 @@ class ContinuousHFEngine(Engine):
         running = min(config.max_running_requests, max_running_requests or config.max_running_requests)
         blocks = config.kv_cache_blocks
         if blocks is None and on_cpu:  # on CPU the default would take 60 % of RAM: size for the running requests
-            blocks = running * math.ceil(generator.context_length / config.page_size) + 1
+            # a request holds at most its prompt limit + the new-token limit (not a real model's whole 8k context)
+            longest = min(generator.context_length, (generator.encoder.max_input_tokens or generator.context_length)
+                          + generator.config.generation.max_new_tokens_limit)
+            blocks = running * math.ceil(longest / config.page_size) + 1
         cb = ContinuousBatchingConfig(
             page_size=config.page_size, num_blocks=blocks, max_memory_percent=config.kv_cache_memory_fraction,
             max_batch_tokens=config.max_batch_tokens or (CPU_MAX_BATCH_TOKENS if on_cpu else None),
