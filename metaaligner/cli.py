@@ -135,7 +135,7 @@ def _serve(args) -> int:
 def _correct(args) -> int:
     from metaaligner.serving.batch import run_correction
 
-    cfg, cc = _section(args, "correct", ("input", "output", "model", "template", "objectives", "default_objectives",
+    cfg, cc = _section(args, "correct", ("input", "output", "model", "adapter", "template", "objectives", "default_objectives",
                                          "concurrency", "batch_size", "num_gpus", "question_column",
                                          "answer_column", "id_column", "on_too_long", "max_bad_fraction",
                                          "allow_empty"),
@@ -154,7 +154,7 @@ def _train(args) -> int:
     summaries = run_training(tr, cfg.storage, args.stage)
     for name, s in summaries.items():
         print(f"{name}: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}, "
-              f"{s['dropped']} rows dropped, exported {s['export']}")
+              f"{s['dropped']} rows dropped, exported {', '.join(filter(None, (s.get('adapter'), s['export'])))}")
     return 0
 
 
@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "[, objectives] columns")
     p.add_argument("--output", help="output folder (local or s3://)")
     p.add_argument("--model", help="corrector HF folder (local or s3://)")
+    p.add_argument("--adapter", help="LoRA adapter folder on top of --model (a training stage's adapter/)")
     p.add_argument("--template", choices=["paper", "hh_rlhf", "ultrafeedback", "imhi"])
     p.add_argument("--objectives", help="objective set for names: hh_rlhf | ultrafeedback | imhi | unseen | PATH.yaml")
     p.add_argument("--default-objectives", nargs="+", help="objective names for rows without objectives")

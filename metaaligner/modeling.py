@@ -1,4 +1,5 @@
-"""Model folders: local or s3:// (cached per node), safe loading (safetensors only), tiny from-config models."""
+"""Model and LoRA adapter folders: local or s3:// (cached per node), safe loading (safetensors only), tiny
+from-config models."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from metaaligner.storage import Storage
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA folder, safetensors only
 
 
 def cache_root() -> Path:
@@ -44,6 +46,12 @@ def local_model_dir(uri: str, storage: Storage, weights: bool = True, cache_dir:
         return Path(uri).expanduser().resolve()
     files = list_model_files(uri, storage)
     names = sorted(n for n in files if weights or not n.endswith(WEIGHT_SUFFIXES))
+    return _cached_copy(uri, storage, files, names, cache_dir)
+
+
+def _cached_copy(uri: str, storage: Storage, files: dict[str, tuple[int, int]], names: list[str],
+                 cache_dir: str | Path | None) -> Path:
+    """`names` of the s3:// folder `uri` copied once per node (keyed by their sizes and times)."""
     digest = hashlib.sha256(repr((uri, [(n, files[n]) for n in names])).encode()).hexdigest()[:16]
     folder = Path(cache_dir).expanduser() / digest if cache_dir else cache_root() / "models" / digest
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,6 +64,28 @@ def local_model_dir(uri: str, storage: Storage, weights: bool = True, cache_dir:
                 pafs.copy_files(f"{path}/{name}", str(folder / name), source_filesystem=fs, destination_filesystem=local)
             (folder / ".complete").write_text(uri)
     return folder
+
+
+def list_adapter_files(uri: str, storage: Storage) -> dict[str, tuple[int, int]]:
+    """name -> (size, mtime) of a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), or a
+    clear error."""
+    fs, path = storage.filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"adapter folder not found: {uri}")
+    files = {i.path[len(path):].lstrip("/"): (i.size or 0, i.mtime_ns or 0)
+             for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File}
+    missing = [n for n in ADAPTER_FILES if n not in files]
+    if missing:
+        raise FileNotFoundError(f"{uri}: not a PEFT adapter folder (missing {missing}; safetensors only)")
+    return files
+
+
+def local_adapter_dir(uri: str, storage: Storage, cache_dir: str | Path | None = None) -> Path:
+    """An adapter folder: itself when local, else a per-node cached copy of its two files."""
+    files = list_adapter_files(uri, storage)
+    if not st.is_s3(uri):
+        return Path(uri).expanduser().resolve()
+    return _cached_copy(uri, storage, files, list(ADAPTER_FILES), cache_dir)
 
 
 def check_model_folder(path: str | Path) -> Path:

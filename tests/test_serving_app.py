@@ -123,7 +123,8 @@ def test_correct_contract(api_url, tiny_model_dir):
                                        "generation": {"max_new_tokens": 5}})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"correction", "objectives", "template", "model", "finish_reason", "usage", "latency_ms"}
+    assert set(body) == {"correction", "objectives", "template", "model", "corrector", "finish_reason", "usage",
+                         "latency_ms"}
     assert body["objectives"] == ["Honesty", "Brevity"] and body["template"] == "paper"
     assert body["model"] == "metaaligner" and str(tiny_model_dir) not in r.text  # a name, never the model's path
     assert isinstance(body["correction"], str) and "Question:" not in body["correction"]  # only the new text

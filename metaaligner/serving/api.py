@@ -10,6 +10,7 @@ from metaaligner.objectives import parse_objective_specs
 from metaaligner.prompts import PROFILES
 
 Template = Literal[PROFILES]  # type: ignore[valid-type]
+CorrectorName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class _Model(BaseModel):
@@ -50,6 +51,8 @@ class CorrectRequest(_Model):
     template: Template | None = None
     condition: Literal["better", "equal"] | None = None
     generation: GenerationOptions | None = None
+    corrector: CorrectorName | None = Field(None, description="which served corrector (GET /v1/models); "
+                                                              "None: the default one")
 
 
 class Usage(_Model):
@@ -62,6 +65,7 @@ class CorrectResponse(_Model):
     objectives: list[str]
     template: str
     model: str
+    corrector: str
     finish_reason: str
     usage: Usage
     latency_ms: float
@@ -81,6 +85,7 @@ class AlignRequest(_Model):
     objectives: Objectives = Field(min_length=1)
     template: Template | None = None
     generation: GenerationOptions | None = None
+    corrector: CorrectorName | None = None
 
 
 class AlignUsage(_Model):
@@ -95,6 +100,7 @@ class AlignResponse(_Model):
     objectives: list[str]
     template: str
     model: str
+    corrector: str
     policy_model: str
     usage: AlignUsage
     latency_ms: float

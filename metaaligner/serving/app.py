@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -25,7 +26,7 @@ from metaaligner.serving import api, http_errors, openai_api
 from metaaligner.serving.admission import AdmissionGate, AdmissionMiddleware, serve_ingress_limits
 from metaaligner.serving.body_checks import json_body_problem
 from metaaligner.serving.config import CorrectorConfig, GenerationConfig, ServeConfig
-from metaaligner.serving.corrector import Prompter
+from metaaligner.serving.routing import Route, Routes
 from metaaligner.serving.engines.contract import (
     CorrectionInputError,
     EngineOverloaded,
@@ -86,9 +87,10 @@ class ModelServer:
 
     def __init__(self, model: CorrectorConfig, storage: Storage, max_batch_size: int, batch_wait_timeout_s: float,
                  system_prompt: str | None = None, max_running_requests: int | None = None,
-                 health_check_timeout_s: float = 30.0, warmup: bool = True):
+                 health_check_timeout_s: float = 30.0, warmup: bool = True, adapters: tuple[str, ...] = ()):
         self.engine = ready_engine(model, storage, warmup, max_batch_size=max_batch_size,  # warm before ready
-                                   batch_wait_timeout_s=batch_wait_timeout_s, max_running_requests=max_running_requests)
+                                   batch_wait_timeout_s=batch_wait_timeout_s, max_running_requests=max_running_requests,
+                                   adapters=adapters)
         self.system_prompt = system_prompt
         self.health_check_timeout_s = health_check_timeout_s
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -215,6 +217,14 @@ def _http_error(e: BaseException, retry_after: int = 1) -> HTTPException:
     return HTTPException(500, f"internal error (ref {ref}); details are in the server logs")
 
 
+@dataclass(frozen=True)
+class _Routed:
+    """A request's generation parameters (incl. its adapter) and the corrector that serves it."""
+
+    route: Route
+    generation: GenerationParams
+
+
 def _specs(objectives: list) -> list:
     return [o if isinstance(o, str) else o.model_dump() for o in objectives]
 
@@ -262,12 +272,12 @@ def _to_502(e: HTTPException) -> HTTPException:
 class Ingress:
     """HTTP front: auth, validation, limits and timeouts (cheap, no model), then calls into the model deployments."""
 
-    async def __init__(self, config: ServeConfig, corrector: DeploymentHandle, policy: DeploymentHandle | None,
+    async def __init__(self, config: ServeConfig, correctors: list[DeploymentHandle], policy: DeploymentHandle | None,
                        token_sha256: str | None):
         self.config = config
         self.limits = config.limits
-        self.prompter = Prompter(config.corrector)
-        self.corrector = corrector
+        self.routes = Routes(config)  # the named correctors; correctors[i] serves routes.deployments[i]
+        self.correctors = correctors
         self.policy_handle = policy
         self.openai = OpenAIPolicy(config.policy) if config.policy and config.policy.kind == "openai" else None
         self.timeout = config.request_timeout_s
@@ -282,7 +292,7 @@ class Ingress:
     async def _warm_handles(self) -> None:
         """The first call through a handle sets up its routing (which replicas exist): make it now, before this
         ingress reports ready, instead of in a user's first request."""
-        for handle in (self.corrector, self.policy_handle):
+        for handle in (*self.correctors, self.policy_handle):
             if handle is not None:
                 try:
                     await asyncio.wait_for(handle.stats.remote(), self.timeout)
@@ -302,20 +312,29 @@ class Ingress:
             if size > lim.max_objective_chars:
                 raise HTTPException(413, f"an objective is {size} characters; the limit is {lim.max_objective_chars}")
 
+    def _route(self, name: str | None) -> Route:
+        """The corrector a request chose (None: the default); 404 naming the served ones otherwise."""
+        try:
+            return self.routes.get(name)
+        except CorrectionInputError as e:
+            raise HTTPException(e.status_code, str(e)) from None
+
     def _prepare(self, req: api.CorrectRequest) -> tuple:
+        """(prompt, params) of a correction request; params carry its corrector (`params.route`)."""
+        route = self._route(req.corrector)
         self._check_sizes(req.question, req.objectives, req.answer)
         try:
             params = GenerationParams.resolve(req.generation.model_dump() if req.generation else None,
-                                              self.config.corrector.generation)
-            prompt = self.prompter.build(req.question, req.answer, _specs(req.objectives), req.template,
-                                         req.condition)
+                                              route.config.generation)
+            prompt = route.prompter.build(req.question, req.answer, _specs(req.objectives), req.template,
+                                          req.condition)
         except CorrectionInputError as e:
             raise HTTPException(e.status_code, str(e)) from None
-        return prompt, params
+        return prompt, _Routed(route, route.params(params))
 
-    def _check_objectives(self, objectives: list) -> None:
+    def _check_objectives(self, route: Route, objectives: list) -> None:
         try:
-            self.prompter.objectives(_specs(objectives))
+            route.prompter.objectives(_specs(objectives))
         except CorrectionInputError as e:
             raise HTTPException(e.status_code, str(e)) from None
 
@@ -326,12 +345,14 @@ class Ingress:
         except Exception as e:
             raise _http_error(e, self.config.retry_after_s) from None
 
-    async def _generate(self, prompt, params: GenerationParams) -> dict:
-        return await self._timed(_call(self.corrector.generate, prompt.prompt, params.__dict__))
+    async def _generate(self, prompt, params: "_Routed") -> dict:
+        handle = self.correctors[params.route.deployment]
+        return await self._timed(_call(handle.generate, prompt.prompt, params.generation.__dict__))
 
-    async def _open_stream(self, prompt, params: GenerationParams):
+    async def _open_stream(self, prompt, params: "_Routed"):
         """The replica's chunk stream once it accepted the prompt (4xx/503 raised before any byte is sent)."""
-        chunks = self.corrector.options(stream=True).stream.remote(prompt.prompt, params.__dict__)
+        handle = self.correctors[params.route.deployment]
+        chunks = handle.options(stream=True).stream.remote(prompt.prompt, params.generation.__dict__)
         try:
             raise_input_error(await asyncio.wait_for(chunks.__anext__(), self.timeout))
         except Exception as e:
@@ -366,23 +387,25 @@ class Ingress:
         return g["text"], pc.reported_name, api.Usage(prompt_tokens=g["prompt_tokens"],
                                                       completion_tokens=g["completion_tokens"])
 
-    async def _check_question_fits(self, question: str, objectives: list, template, generation) -> None:
+    async def _check_question_fits(self, route: Route, question: str, objectives: list, template,
+                                   generation) -> None:
         """Before asking the policy: the correction prompt with an empty answer must fit the corrector, or it is the
         client's question that is too long (a 413), not the policy's answer (a 502 afterwards)."""
         prompt, params = self._prepare(api.CorrectRequest.model_construct(
             question=question, answer=" ", objectives=objectives, template=template, condition=None,
-            generation=generation))
-        await self._timed(_call(self.corrector.prompt_tokens, prompt.prompt, params.__dict__))
+            generation=generation, corrector=route.name))
+        handle = self.correctors[route.deployment]
+        await self._timed(_call(handle.prompt_tokens, prompt.prompt, params.generation.__dict__))
 
     def _check_policy_answer(self, text: str) -> None:
         if len(text) > self.limits.max_answer_chars:
             raise HTTPException(502, f"the policy's answer is {len(text)} characters; the corrector's limit is "
                                      f"{self.limits.max_answer_chars}")
 
-    def _response(self, prompt, gen: dict, t0: float) -> api.CorrectResponse:
+    def _response(self, prompt, params: "_Routed", gen: dict, t0: float) -> api.CorrectResponse:
         return api.CorrectResponse(
             correction=gen["text"], objectives=prompt.objectives, template=prompt.template,
-            model=self.config.served_model_name, finish_reason=gen["finish_reason"],
+            model=params.route.name, corrector=params.route.name, finish_reason=gen["finish_reason"],
             usage=api.Usage(prompt_tokens=gen["prompt_tokens"], completion_tokens=gen["completion_tokens"]),
             latency_ms=(time.perf_counter() - t0) * 1000)
 
@@ -391,7 +414,7 @@ class Ingress:
     async def correct(self, req: api.CorrectRequest) -> api.CorrectResponse:
         t0 = time.perf_counter()
         prompt, params = self._prepare(req)
-        return self._response(prompt, await self._generate(prompt, params), t0)
+        return self._response(prompt, params, await self._generate(prompt, params), t0)
 
     @app.post("/v1/correct/batch", response_model=api.BatchResponse)
     async def correct_batch(self, req: api.BatchRequest) -> api.BatchResponse:
@@ -405,7 +428,7 @@ class Ingress:
             except HTTPException as e:
                 raise HTTPException(e.status_code, f"items[{i}]: {e.detail}") from None
         gens = await asyncio.gather(*(self._generate(p, g) for p, g in prepared))
-        return api.BatchResponse(results=[self._response(p, g, t0) for (p, _), g in zip(prepared, gens)],
+        return api.BatchResponse(results=[self._response(p, r, g, t0) for (p, r), g in zip(prepared, gens)],
                                  latency_ms=(time.perf_counter() - t0) * 1000)
 
     @app.post("/v1/correct/stream")
@@ -421,7 +444,7 @@ class Ingress:
                     if "delta" in chunk:
                         yield f"data: {json.dumps({'delta': chunk['delta']})}\n\n"
                     else:
-                        done = self._response(prompt, chunk["generation"], t0)
+                        done = self._response(prompt, params, chunk["generation"], t0)
                         yield f"event: done\ndata: {done.model_dump_json()}\n\n"
             except Exception as e:  # headers are sent: report in-band, details to the logs
                 err = _http_error(e, self.config.retry_after_s)
@@ -435,21 +458,22 @@ class Ingress:
         t0 = time.perf_counter()
         if self.openai is None and self.policy_handle is None:
             raise HTTPException(404, "no policy configured for /v1/align (serve.policy in the config)")
+        route = self._route(req.corrector)
         self._check_sizes(req.question, req.objectives)
-        self._check_objectives(req.objectives)  # 422 before asking the policy
-        await self._check_question_fits(req.question, req.objectives, req.template, req.generation)
+        self._check_objectives(route, req.objectives)  # 422 before asking the policy
+        await self._check_question_fits(route, req.question, req.objectives, req.template, req.generation)
         policy_text, policy_model, policy_usage = await self._policy_answer(req.question)
         self._check_policy_answer(policy_text)
         try:
             prompt, params = self._prepare(api.CorrectRequest(
                 question=req.question, answer=policy_text or " ", objectives=req.objectives, template=req.template,
-                generation=req.generation))
+                generation=req.generation, corrector=route.name))
             gen = await self._generate(prompt, params)
         except HTTPException as e:
             raise _to_502(e) from None
         return api.AlignResponse(
             question=req.question, policy_answer=policy_text, correction=gen["text"], objectives=prompt.objectives,
-            template=prompt.template, model=self.config.served_model_name, policy_model=policy_model,
+            template=prompt.template, model=route.name, corrector=route.name, policy_model=policy_model,
             usage=api.AlignUsage(policy=policy_usage, corrector=api.Usage(
                 prompt_tokens=gen["prompt_tokens"], completion_tokens=gen["completion_tokens"])),
             latency_ms=(time.perf_counter() - t0) * 1000)
@@ -459,22 +483,26 @@ class Ingress:
         """OpenAI-compatible: the corrected answer as the assistant's reply (see metaaligner.serving.openai_api)."""
         deadline = time.monotonic() + self.timeout
         req = openai_api.parse_request(await request.body())
-        default_temperature = self.config.corrector.generation.temperature
+        try:
+            route = self.routes.get(req.model)  # `model` chooses the corrector (/v1/models lists them)
+        except CorrectionInputError as e:
+            raise openai_api.OpenAIError(404, str(e), code="model_not_found", param="model") from None
+        default_temperature = route.config.generation.temperature
         openai_api.check_seed(req, default_temperature if req.temperature is None else req.temperature)
-        profile = req.template or self.config.corrector.template
+        profile = req.template or route.config.template
         question, answer, chat = openai_api.split_conversation(req, profile)
-        objectives = req.objectives or self.prompter.objective_set.names
+        objectives = req.objectives or route.prompter.objective_set.names
         extra: dict = {}
-        completion = openai_api.Completion(self.config.served_model_name)
+        completion = openai_api.Completion(route.name)
         try:
             self._check_sizes(question, list(req.objectives or []), answer or "")
-            self._check_objectives(objectives)
+            self._check_objectives(route, objectives)
             if answer is None:
                 if self.openai is None and self.policy_handle is None:
                     raise openai_api.OpenAIError(
                         400, "the conversation does not end with an assistant message (the answer to correct) and "
                              "no policy is configured to answer it (serve.policy)", param="messages")
-                await self._check_question_fits(question, objectives, profile, api.GenerationOptions(
+                await self._check_question_fits(route, question, objectives, profile, api.GenerationOptions(
                     **openai_api.generation_overrides(req)))
                 answer, _, policy_usage = await self._policy_answer(chat)
                 self._check_policy_answer(answer)
@@ -483,7 +511,7 @@ class Ingress:
             try:
                 prompt, params = self._prepare(api.CorrectRequest.model_construct(
                     question=question, answer=answer, objectives=objectives, template=profile, condition=None,
-                    generation=api.GenerationOptions(**openai_api.generation_overrides(req))))
+                    generation=api.GenerationOptions(**openai_api.generation_overrides(req)), corrector=route.name))
                 if not req.stream:
                     return JSONResponse(completion.response(await self._generate(prompt, params), extra))
                 chunks = await self._open_stream(prompt, params)
@@ -513,27 +541,29 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [openai_api.model_object(self.config.served_model_name)]}
+        """Every served corrector (the first is the default); `model` in /v1/chat/completions chooses one."""
+        return {"object": "list", "data": [openai_api.model_object(name) for name in self.routes.names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str) -> dict:
-        """One model in OpenAI's shape; an unknown id is OpenAI's 404 `model_not_found`."""
-        if model_id != self.config.served_model_name:
+        """One served corrector in OpenAI's shape; an unknown id is OpenAI's 404 `model_not_found`."""
+        if model_id not in self.routes.names:
             raise openai_api.OpenAIError(404, f"The model '{model_id}' does not exist", code="model_not_found",
                                          param="model")
         return openai_api.model_object(model_id)
 
     @app.get("/v1/objectives", response_model=api.ObjectivesResponse)
-    async def objectives(self) -> api.ObjectivesResponse:
-        s = self.prompter.objective_set
+    async def objectives(self, corrector: str | None = None) -> api.ObjectivesResponse:
+        route = self._route(corrector)
+        s = route.prompter.objective_set
         return api.ObjectivesResponse(
             set=s.name, objectives=[api.ObjectiveInfo(name=o.name, description=o.description) for o in s.objectives],
-            templates=list(PROFILES), default_template=self.config.corrector.template)
+            templates=list(PROFILES), default_template=route.config.template)
 
     @app.get("/v1/stats")
-    async def stats(self) -> dict:
-        """Engine metrics of one corrector replica (the one this call is routed to)."""
-        return await self._timed(_call(self.corrector.stats))
+    async def stats(self, corrector: str | None = None) -> dict:
+        """Engine metrics of one replica of the deployment serving `corrector` (the one this call is routed to)."""
+        return await self._timed(_call(self.correctors[self._route(corrector).deployment].stats))
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -551,16 +581,17 @@ def build(config: ServeConfig, storage: Storage | StorageConfig | None = None):
         from metaaligner.serving.engines.vllm import placement_options
 
         corrector_options.update(placement_options(config.corrector.vllm, config.num_cpus, config.num_gpus))
-    corrector = ModelServer.options(
-        name="Corrector",
+    correctors = [ModelServer.options(
+        name=Routes.deployment_name(i),
         autoscaling_config=a.model_dump(exclude_none=True),
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
         **corrector_options,
-    ).bind(config.corrector, storage, config.max_batch_size, config.batch_wait_timeout_s, None,
-           config.max_ongoing_requests, config.health_check_timeout_s, config.warmup)
+    ).bind(d.config, storage, config.max_batch_size, config.batch_wait_timeout_s, None,
+           config.max_ongoing_requests, config.health_check_timeout_s, config.warmup, d.adapters)
+        for i, d in enumerate(Routes(config).deployments)]
     policy = None
     if config.policy is not None and config.policy.kind == "local":
         pc = config.policy
@@ -579,7 +610,7 @@ def build(config: ServeConfig, storage: Storage | StorageConfig | None = None):
         num_replicas=config.ingress_replicas,
         **serve_ingress_limits(config.ingress_max_ongoing_requests, config.ingress_max_queued_requests),
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
-    ).bind(config, corrector, policy, hashlib.sha256(token.encode()).hexdigest() if token else None)
+    ).bind(config, correctors, policy, hashlib.sha256(token.encode()).hexdigest() if token else None)
 
 
 def build_app(args: dict):

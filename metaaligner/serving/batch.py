@@ -163,7 +163,7 @@ def _summarize(cfg: CorrectConfig, table: pa.Table, quarantined: list[dict], n_f
     completion = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
     kept = int(pc.sum(pc.equal(table.column("finish_reason"), KEPT_ORIGINAL)).as_py() or 0)
     return {
-        "input": cfg.input, "output": cfg.output, "model": cfg.model, "input_files": n_files, "input_format": kind,
+        "input": cfg.input, "output": cfg.output, "model": cfg.model, "adapter": cfg.adapter, "input_files": n_files, "input_format": kind,
         "rows_read": table.num_rows + len(quarantined), "quarantined": len(quarantined),
         "quarantined_by_reason": dict(Counter(q["reason"] for q in quarantined)),
         "rows": table.num_rows, "corrected": table.num_rows - len(errors) - kept, "errors": len(errors),
@@ -210,6 +210,10 @@ def run_correction(cfg: CorrectConfig, storage: Storage | StorageConfig | None =
         from metaaligner.modeling import check_model_folder
 
         check_model_folder(cfg.model)
+    if cfg.adapter:
+        from metaaligner.modeling import list_adapter_files
+
+        list_adapter_files(cfg.adapter, storage)
     rows = read_row_input(cfg.input, storage)
     _check_columns(cfg, rows.columns)
     out = StagedOutput(cfg.output, job="correct", storage=storage)

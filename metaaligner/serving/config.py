@@ -61,6 +61,8 @@ class CorrectorConfig(Section):
     """Which corrector model to load, how prompts are built for it and which engine generates."""
 
     model: str = Field(description="HF model folder: local path or s3://bucket/prefix (copied to cache_dir)")
+    adapter: str | None = Field(None, description="a PEFT LoRA adapter folder (local or s3://) applied on top of "
+                                "`model` (a training stage's adapter/ export); None: the model as it is")
     template: TemplateName = Field("paper", description="prompt profile; released checkpoints use their own")
     objectives: str = Field("ultrafeedback", description="named objective set (or YAML file) for objectives given by name")
     condition: Literal["better", "equal"] = "better"
@@ -82,6 +84,24 @@ class CorrectorConfig(Section):
         "comparison); vllm: experimental, needs vLLM and a GPU")
     hf: HFEngineConfig = Field(default_factory=HFEngineConfig)
     vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
+
+
+CORRECTOR_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+
+class CorrectorEntry(Section):
+    """One of several correctors served side by side (`serve.correctors`): a base model plus an optional adapter,
+    its template and objective set. Unset fields (but the adapter) take `serve.corrector`'s; entries with the same
+    base model share one deployment and one copy of its weights (engine settings come from `serve.corrector`)."""
+
+    name: str = Field(pattern=CORRECTOR_NAME, description="what requests choose: `corrector` in /v1/correct*, "
+                      "`model` in /v1/chat/completions; listed by /v1/models")
+    model: str | None = Field(None, description="base model folder (default: serve.corrector.model)")
+    adapter: str | None = Field(None, description="PEFT LoRA adapter folder on top of the base (None: the base itself)")
+    template: TemplateName | None = None
+    objectives: str | None = None
+    condition: Literal["better", "equal"] | None = None
+    generation: GenerationConfig | None = None
 
 
 class AutoscalingSection(Section):
@@ -149,6 +169,9 @@ class ServeConfig(Section):
     """The Serve application: corrector deployment (batched, autoscaled) behind a FastAPI ingress."""
 
     corrector: CorrectorConfig
+    correctors: list[CorrectorEntry] = Field(
+        default_factory=list, description="several correctors on shared base models, chosen per request (the first "
+        "is the default); empty: the one `corrector`, named served_model_name")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch max batch size")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch wait for a fuller batch")
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
@@ -198,7 +221,23 @@ class ServeConfig(Section):
                              "serve.allow_unauthenticated_public: true if that is really meant")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError("max_batch_size cannot exceed max_ongoing_requests (a batch never fills)")
+        names = [c.name for c in self.correctors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"serve.correctors: names must be unique, got {names}")
         return self
+
+    def named_correctors(self) -> dict[str, CorrectorConfig]:
+        """name -> the full settings of each served corrector, in order (the first is the default)."""
+        if not self.correctors:
+            return {self.served_model_name: self.corrector}
+        out = {}
+        for entry in self.correctors:
+            update = entry.model_dump(exclude={"name"}, exclude_unset=True)
+            update["adapter"] = entry.adapter  # never inherited: an entry without one serves its base model
+            if "generation" in update:
+                update["generation"] = entry.generation
+            out[entry.name] = self.corrector.model_copy(update=update)
+        return out
 
 
 def is_loopback(host: str) -> bool:

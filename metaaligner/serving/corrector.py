@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -102,7 +103,9 @@ class Corrector:
         return self.engine.encode(prompt, max_new_tokens)
 
     def generate(self, batch_ids: Sequence[list[int]], params: Sequence[GenerationParams]) -> list[Generation]:
-        """Synchronous batch through the engine: submit every item, gather the results in order."""
+        """Synchronous batch through the engine: submit every item, gather the results in order (with this
+        corrector's adapter, `config.adapter`, where the params name none)."""
+        params = [p if p.adapter else dataclasses.replace(p, adapter=self.config.adapter) for p in params]
         return self.engine.generate_batch(batch_ids, params)
 
     def close(self) -> None:

@@ -46,6 +46,18 @@ class DeepSpeedSettings(Section):
     torch_adam: bool = Field(False, description="torch AdamW instead of DeepSpeed's compiled fused Adam")
 
 
+class LoraSettings(Section):
+    """`train.lora`: train a LoRA adapter (PEFT) instead of every weight; the three stages continue one adapter."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is B @ A * alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="names (suffixes) of the Linear layers that get an adapter")
+    merge: bool = Field(False, description="each stage also exports base + adapter merged as a plain HF model (model/)")
+
+
 class TrainConfig(Section):
     """Conditional weak-to-strong correction training on Ray Train + DeepSpeed."""
 
@@ -98,6 +110,8 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="per-worker peak for MFU (None: GPU table / CPU matmul probe)")
     trust_remote_code: bool = False
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    lora: LoraSettings | None = Field(None, description="None: full fine-tuning; else train a LoRA adapter "
+                                                        "(see training/lora.py and docs/training.md)")
     warmup: StageConfig = Field(default_factory=lambda: StageConfig(fraction=0.2))
     equal: StageConfig = Field(default_factory=StageConfig)
     contrastive: StageConfig = Field(default_factory=StageConfig)

@@ -14,6 +14,7 @@ from metaaligner.storage import Storage
 from metaaligner.modeling import list_model_files
 from metaaligner.outputs import read_manifest
 from metaaligner.training.config import STAGES, TrainConfig
+from metaaligner.training.lora import adapter_digest
 
 OPERATIONAL = {"output", "checkpoints", "run_name", "base_model", "cpus_per_worker", "resources_per_worker",
                "max_failures", "checkpoint_every", "checkpoint_upload_attempts", "keep_checkpoints", "log_every",
@@ -50,7 +51,11 @@ def model_digest(model_uri: str, storage: Storage) -> str:
     return _hash(sorted((name, size, mtime) for name, (size, mtime) in files.items()))
 
 
-def stage_digest(cfg: TrainConfig, stage: str, files: list[str], model_uri: str, storage: Storage) -> dict:
+def stage_digest(cfg: TrainConfig, stage: str, files: list[str], model_uri: str, storage: Storage,
+                 adapter_uri: str | None = None) -> dict:
+    """With LoRA, a later stage also depends on the adapter it continues (`adapter`)."""
     parts = {"config": config_digest(cfg, stage), "data": data_digest(files, cfg.data, storage),
              "model": model_digest(model_uri, storage)}
+    if adapter_uri is not None:
+        parts["adapter"] = adapter_digest(adapter_uri, storage)
     return {**parts, "stage": _hash(parts)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,3 +44,13 @@ def save_hf_folder(folder: str | Path, state: dict[str, torch.Tensor], config, t
     if generation.is_file():
         (folder / "generation_config.json").write_bytes(generation.read_bytes())
     return folder
+
+
+def write_folder(uri: str, storage, write: Callable[[str], object]) -> None:
+    """`write(local_folder)` straight into a local `uri`, or into a temp folder then copied to s3://."""
+    from metaaligner import storage as st
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write(uri if not st.is_s3(uri) else tmp)
+        if st.is_s3(uri):
+            storage.copy_dir(tmp, uri)

@@ -27,9 +27,10 @@ from metaaligner.training.tokens import TokenStore
 PREFETCH = 4  # micro-batches collated ahead
 
 
-def _build_engine(cfg: dict, model_dir: Path, choice):
-    """The DeepSpeed engine around the model with the chosen kernels (`choice`: kernels.KernelChoice); returns
-    (engine, ZeRO-3 config holder, fused loss in use, the kernels that run, why torch where liger was tried)."""
+def _build_engine(cfg: dict, model_dir: Path, choice, adapter_dir: Path | None = None):
+    """The DeepSpeed engine around the model with the chosen kernels (`choice`: kernels.KernelChoice) and, under
+    train.lora, the adapter (continuing `adapter_dir` when given); returns (engine, ZeRO-3 config holder, fused loss
+    in use, the kernels that run, why torch where liger was tried)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -60,9 +61,19 @@ def _build_engine(cfg: dict, model_dir: Path, choice):
     if cfg["compile"]:
         for layer in model.get_decoder().layers:
             layer.compile(dynamic=True)  # one graph for every micro-batch length (no recompiles)
+    if cfg.get("lora"):  # the adapter only is trainable: DeepSpeed shards, checkpoints and updates just that
+        from metaaligner.training.config import LoraSettings
+        from metaaligner.training.lora import adapter_only_checkpoints, attach
+
+        model = attach(model, LoraSettings(**cfg["lora"]), adapter_dir)
     wrapped = TargetTokenLoss(model, fused)
+    if cfg.get("lora"):
+        adapter_only_checkpoints(wrapped)
     engine, *_ = deepspeed.initialize(
         model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config)
+    # WarmupCosineLR starts at iteration -1, which it answers with lr 0: step 1 would not train. One scheduler step
+    # here makes optimizer step k use iteration k-1 (a resume restores the scheduler's own state afterwards).
+    engine.lr_scheduler.step()
     return engine, hf_ds, fused is not None, kernels, reason
 
 
@@ -184,11 +195,10 @@ def train_func(cfg: dict) -> None:
     import ray.train as rt
     import torch.distributed as dist
 
-    from metaaligner import storage as st
     from metaaligner.storage import Storage, StorageConfig
     from metaaligner.modeling import local_model_dir
     from metaaligner.training.checkpoints import upload_checkpoint, verify_checkpoint
-    from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder
+    from metaaligner.training.export import DTYPES, gather_state_dict, save_hf_folder, write_folder
     from metaaligner.training.kernels import select_kernels
     from metaaligner.training.metrics import StepLogger, peak_flops_per_worker
 
@@ -201,8 +211,13 @@ def train_func(cfg: dict) -> None:
     storage = Storage(StorageConfig(**cfg["storage"]))
     prepare_backend(cfg["attn_implementation"], use_gpu)
     model_dir = local_model_dir(cfg["model_uri"], storage)
+    lora, adapter_dir = bool(cfg.get("lora")), None
+    if lora and cfg.get("adapter_uri"):
+        from metaaligner.modeling import local_adapter_dir
+
+        adapter_dir = local_adapter_dir(cfg["adapter_uri"], storage)
     engine, _hf_ds, fused, kernels, kernels_reason = _build_engine(
-        cfg, model_dir, select_kernels(cfg["kernels"], use_gpu))
+        cfg, model_dir, select_kernels(cfg["kernels"], use_gpu), adapter_dir)
     stage = cfg["stage"]
     if rank == 0:
         fallback = " (liger's fused loss is off under ZeRO-3: lm_head is partitioned)" if kernels == "liger" else ""
@@ -222,7 +237,7 @@ def train_func(cfg: dict) -> None:
     if checkpoint:
         verify_checkpoint(checkpoint.filesystem, checkpoint.path, world)
         with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d)
+            _, client = engine.load_checkpoint(d, load_module_strict=not lora)
             if rank == 0:
                 _restore_logs(d, log_dir)
         if client.get("plan_digest") != cfg["plan_digest"]:
@@ -243,7 +258,8 @@ def train_func(cfg: dict) -> None:
         dist.all_gather_object(digests, digest)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=f"step{step_done}", client_state={"step": step_done, "digests": digests,
-                                                                          "plan_digest": cfg["plan_digest"]})
+                                                                          "plan_digest": cfg["plan_digest"]},
+                                   exclude_frozen_parameters=lora)  # LoRA: the adapter and its optimizer state
             if rank == 0:
                 Path(tmp, "data_position.json").write_text(json.dumps(
                     {"stage": stage, "step": step_done, "total_steps": n_steps, "digests": digests}))
@@ -327,14 +343,17 @@ def train_func(cfg: dict) -> None:
         save(n_steps, metrics)
 
     dtype = DTYPES[cfg["export_dtype"]]
-    state = gather_state_dict(engine.module.model, dtype, rank)
+    if lora:
+        from metaaligner.training.lora import export_stage
+
+        export_stage(engine.module.model, cfg, model_dir, dtype, rank, storage)
+    else:
+        state = gather_state_dict(engine.module.model, dtype, rank)
+        if rank == 0:
+            write_folder(cfg["export_uri"], storage, lambda local: save_hf_folder(
+                local, state, engine.module.model.config, model_dir, dtype))
     if rank == 0:
         logger.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            local = cfg["export_uri"] if not st.is_s3(cfg["export_uri"]) else tmp
-            save_hf_folder(local, state, engine.module.model.config, model_dir, dtype)
-            if st.is_s3(cfg["export_uri"]):
-                storage.copy_dir(tmp, cfg["export_uri"])
         storage.copy_dir(str(log_dir), cfg["logs_uri"])
-        print(f"[{stage}] exported {cfg['export_uri']}", flush=True)
+        print(f"[{stage}] exported {cfg['adapter_export_uri'] if lora else cfg['export_uri']}", flush=True)
     dist.barrier()

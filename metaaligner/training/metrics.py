@@ -18,6 +18,9 @@ CONVENTION = ("6*N + 6*L*h*len per non-pad token (N: matmul params incl. lm_head
 ANCHOR_CONVENTION = ("6*N_total + 12*L*h*s per non-pad token (N_total: all parameters; s: the padded length of its "
                      "row, the example's own length when packed; full, non-causal attention), as the anchors in "
                      "shared/ENVIRONMENT.md were counted")
+LORA_CONVENTION = ("LoRA: 4*N + 6*N_adapter + 6*L*h*len per non-pad token (frozen matmuls: forward 2*N and the "
+                   "input gradient 2*N, no weight gradient; adapter matmuls: 6*N_adapter), minus 4*V*h for positions "
+                   "where no loss is computed")
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,12 @@ class ModelShape:
     layers: int
     hidden: int
     lm_head: int  # vocab x hidden
+    n_adapter: int = 0  # LoRA parameters (all matmul weights); > 0 means the base weights are frozen
 
     @classmethod
-    def from_config(cls, model_dir) -> "ModelShape":
-        """Counted on the meta device from config.json alone (nothing allocated)."""
+    def from_config(cls, model_dir, lora=None) -> "ModelShape":
+        """Counted on the meta device from config.json alone (nothing allocated); `lora` (LoraSettings) adds the
+        adapter the stage trains."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,16 +49,25 @@ class ModelShape:
         head = model.get_output_embeddings().weight
         matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
         tied = head is embed
-        return cls(n_matmul=matrices - (0 if tied else embed.numel()), n_total=total, layers=conf.num_hidden_layers,
-                   hidden=conf.hidden_size, lm_head=head.numel())
+        adapter = 0
+        if lora is not None:
+            from metaaligner.training.lora import attach
+
+            with torch.device("meta"):
+                adapter = sum(p.numel() for p in attach(model, lora, None).parameters() if p.requires_grad)
+        return cls(n_matmul=matrices - (0 if tied else embed.numel()), n_total=total + adapter,
+                   layers=conf.num_hidden_layers, hidden=conf.hidden_size, lm_head=head.numel(), n_adapter=adapter)
 
 
 def training_flops(shape: ModelShape, lengths, n_targets):
-    """Forward + backward FLOPs per example (numpy arrays in, out), our convention (CONVENTION): the lm_head runs
-    only at the positions that predict a target token (the target-only / fused loss)."""
+    """Forward + backward FLOPs per example (numpy arrays in, out), our convention (CONVENTION, or LORA_CONVENTION
+    when an adapter is trained): the lm_head runs only at the positions that predict a target token (the
+    target-only / fused loss); frozen weights get no weight gradient (4 instead of 6 FLOPs per weight and token)."""
     lengths = np.asarray(lengths, dtype=np.float64)
     skipped = lengths - np.asarray(n_targets, dtype=np.float64)
-    return 6.0 * shape.n_matmul * lengths + 6.0 * shape.layers * shape.hidden * lengths**2 - 6.0 * shape.lm_head * skipped
+    weight = 4.0 if shape.n_adapter else 6.0
+    return (weight * shape.n_matmul * lengths + 6.0 * shape.n_adapter * lengths
+            + 6.0 * shape.layers * shape.hidden * lengths**2 - weight * shape.lm_head * skipped)
 
 
 def anchor_flops(shape: ModelShape, lengths, padded_lengths=None):

@@ -11,12 +11,13 @@ import pyarrow.parquet as pq
 from metaaligner import storage as st
 from metaaligner.storage import Storage, StorageConfig
 from metaaligner.data.io.discovery import discover
-from metaaligner.modeling import list_model_files, load_tokenizer, local_model_dir
+from metaaligner.modeling import list_adapter_files, list_model_files, load_tokenizer, local_model_dir
 from metaaligner.outputs import StagedOutput, read_manifest
 from metaaligner.training.config import STAGES, TrainConfig
 from metaaligner.training.deepspeed_config import build_deepspeed_config
 from metaaligner.training.digest import stage_digest
-from metaaligner.training.metrics import ANCHOR_CONVENTION, CONVENTION, ModelShape
+from metaaligner.training.lora import ADAPTER, stage_adapter_input
+from metaaligner.training.metrics import ANCHOR_CONVENTION, CONVENTION, LORA_CONVENTION, ModelShape
 from metaaligner.training.packing import plan_stage, step_stats
 from metaaligner.training.tokenize import DROPPED, REQUIRED_COLUMNS, collect_index, tokenize_dataset
 from metaaligner.training.tokens import select_keys
@@ -31,7 +32,10 @@ def stage_dir(cfg: TrainConfig, stage: str) -> str:
 
 
 def stage_input(cfg: TrainConfig, stage: str) -> str:
-    """The export of the nearest earlier enabled stage, else the base model."""
+    """The export of the nearest earlier enabled stage, else the base model (LoRA: always the base model; the
+    adapter continues, see lora.stage_adapter_input)."""
+    if cfg.lora is not None:
+        return cfg.base_model
     earlier = [s for s in STAGES[:STAGES.index(stage)] if cfg.stage(s).enabled]
     return st.join(stage_dir(cfg, earlier[-1]), "model") if earlier else cfg.base_model
 
@@ -62,12 +66,15 @@ def preflight(cfg: TrainConfig, storage: Storage, stages: list[str]) -> None:
             if missing:
                 raise ValueError(f"{path}: missing columns {sorted(missing)} (need {list(REQUIRED_COLUMNS)})")
     first = stage_input(cfg, stages[0])
+    adapter = stage_adapter_input(cfg, stages[0]) if cfg.lora is not None else None
     try:
         list_model_files(first, storage)
+        if adapter is not None:
+            list_adapter_files(adapter, storage)
     except FileNotFoundError:
-        if first == cfg.base_model:
+        if first == cfg.base_model and adapter is None:
             raise
-        raise FileNotFoundError(f"stage {stages[0]!r} starts from {first}, which does not exist yet: "
+        raise FileNotFoundError(f"stage {stages[0]!r} starts from {adapter or first}, which does not exist yet: "
                                 f"run the earlier stage first") from None
     load_tokenizer(local_model_dir(first, storage, weights=False), cfg.trust_remote_code)
     if cfg.kernels == "liger":
@@ -99,8 +106,9 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
     storage = Storage.of(storage)
     scfg, ds = cfg.stage(stage), cfg.deepspeed
     model_uri = stage_input(cfg, stage)
+    adapter_uri = stage_adapter_input(cfg, stage) if cfg.lora is not None else None
     files = data_files(cfg, storage, stage)
-    digest = digest or stage_digest(cfg, stage, files, model_uri, storage)
+    digest = digest or stage_digest(cfg, stage, files, model_uri, storage, adapter_uri)
     meta_dir = local_model_dir(model_uri, storage, weights=False)
     tokenizer = load_tokenizer(meta_dir, cfg.trust_remote_code)
     fs, _ = storage.filesystem(cfg.data)
@@ -114,7 +122,7 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
     plan = plan_stage(index["keys"], index["lengths"], epochs=scfg.epochs, max_steps=scfg.max_steps,
                       packing=cfg.packing, budget=cfg.token_budget, world=world, grad_accum=ds.grad_accum,
                       global_batch_examples=cfg.global_batch_examples, seed=cfg.seed)
-    shape = ModelShape.from_config(meta_dir)
+    shape = ModelShape.from_config(meta_dir, cfg.lora)
     stats = step_stats(plan, index["keys"], index["lengths"], index["n_target"], shape, cfg.packing)
     ds_config = build_deepspeed_config(ds, scfg, world, len(plan), cfg.use_gpu)
     plan_digest = hashlib.sha256(plan.digest_payload() + json.dumps(
@@ -138,6 +146,8 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
         "log_sample_ids": cfg.log_sample_ids, "export_uri": out.path("model"), "logs_uri": out.path("logs"),
         "export_dtype": cfg.export_dtype, "faults": faults,
         "eval_every": cfg.validation.eval_every if cfg.validation else 0,
+        "lora": cfg.lora.model_dump() if cfg.lora else None, "adapter_uri": adapter_uri,
+        "adapter_export_uri": out.path(ADAPTER), "base_model_uri": cfg.base_model,
     }
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
     # Each worker's stream holds only the examples it trains: a light filter in Ray Data tasks next to the data,
@@ -173,7 +183,9 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
     steady = records[1:] or records
     seconds = sum(r["step_time_s"] for r in steady) or 1.0
     summary = {
-        "stage": stage, "model_input": model_uri, "export": st.join(out.uri, "model"), "data": cfg.data,
+        "stage": stage, "model_input": model_uri, "data": cfg.data,
+        "export": st.join(out.uri, "model") if cfg.lora is None or cfg.lora.merge else None,
+        "adapter_input": adapter_uri, "adapter": st.join(out.uri, ADAPTER) if cfg.lora else None,
         "data_files": len(files), "rows_read": index["rows"], "examples": len(index["keys"]),
         "status_counts": index["counts"], "dropped": sum(index["counts"][k] for k in DROPPED),
         "truncated": index["counts"]["truncated"], "epochs": scfg.epochs, "steps": len(plan),
@@ -188,7 +200,7 @@ def run_stage(cfg: TrainConfig, storage: Storage | StorageConfig | None, stage: 
         "mean_tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in steady) / seconds,
         "mean_mfu": sum(r["mfu"] * r["step_time_s"] for r in steady) / seconds,
         "mean_mfu_anchor": sum(r["mfu_anchor"] * r["step_time_s"] for r in steady) / seconds,
-        "flop_convention": CONVENTION, "anchor_convention": ANCHOR_CONVENTION,
+        "flop_convention": LORA_CONVENTION if cfg.lora else CONVENTION, "anchor_convention": ANCHOR_CONVENTION,
         "data_digest": (result.metrics or {}).get("data_digest"),
         "worker_nodes": (result.metrics or {}).get("worker_nodes"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -230,7 +242,8 @@ def run_training(cfg: TrainConfig, storage: Storage | StorageConfig | None = Non
     summaries: dict = {}
     retraining = False
     for name in stages:
-        digest = stage_digest(cfg, name, data_files(cfg, storage, name), stage_input(cfg, name), storage)
+        digest = stage_digest(cfg, name, data_files(cfg, storage, name), stage_input(cfg, name), storage,
+                              stage_adapter_input(cfg, name) if cfg.lora is not None else None)
         done = _committed_summary(cfg, name, storage) if stage == "all" else None
         previous = (done or {}).get("digest") or {}
         if done and not retraining and previous.get("stage") == digest["stage"]:
@@ -239,7 +252,7 @@ def run_training(cfg: TrainConfig, storage: Storage | StorageConfig | None = Non
             summaries[name] = done
             continue
         if done:
-            changed = [p for p in ("config", "data", "model") if previous.get(p) != digest[p]]
+            changed = [p for p in ("config", "data", "model", "adapter") if previous.get(p) != digest.get(p)]
             print(f"[{name}] {'changed: ' + ', '.join(changed) if changed else 'an earlier stage was retrained'}; "
                   f"training it again", flush=True)
         retraining = True

@@ -4,20 +4,24 @@ comparison), `vllm` (experimental). The contract they implement is `engines.cont
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from metaaligner.serving.engines.contract import Engine
 
 
 def create_engine(config, storage=None, generator=None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
-                  max_running_requests: int | None = None) -> Engine:
-    """The engine named by `config.engine` (a CorrectorConfig); `generator` reuses an already loaded HF model."""
+                  max_running_requests: int | None = None, adapters: Sequence[str] = ()) -> Engine:
+    """The engine named by `config.engine` (a CorrectorConfig); `generator` reuses an already loaded HF model;
+    `adapters`: LoRA adapter folders served on the same base weights besides `config.adapter`
+    (GenerationParams.adapter chooses one per request)."""
     if config.engine == "vllm":
         from metaaligner.serving.engines.vllm import VLLMEngine
 
-        return VLLMEngine(config, storage)
+        return VLLMEngine(config, storage, adapters=adapters)
     if generator is None:
         from metaaligner.serving.engines.hf_model import TextGenerator
 
-        generator = TextGenerator(config, storage)
+        generator = TextGenerator(config, storage, adapters=adapters)
     if config.engine == "hf_static":
         from metaaligner.serving.engines.hf_static import StaticHFEngine
 

@@ -41,6 +41,8 @@ class GenerationParams:
     max_new_tokens: int
     temperature: float
     top_p: float
+    adapter: str | None = None  # the LoRA adapter (its folder URI) to generate with; None: the base model. Set by
+    # the server from the chosen corrector, never from a request's generation options (resolve() refuses it)
 
     @classmethod
     def resolve(cls, overrides: Mapping | None, defaults: GenerationConfig) -> "GenerationParams":

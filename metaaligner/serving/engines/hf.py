@@ -90,12 +90,17 @@ class ContinuousHFEngine(Engine):
         running = min(config.max_running_requests, max_running_requests or config.max_running_requests)
         blocks = config.kv_cache_blocks
         if blocks is None and on_cpu:  # on CPU the default would take 60 % of RAM: size for the running requests
-            blocks = running * math.ceil(generator.context_length / config.page_size) + 1
+            # a request holds at most its prompt limit + the new-token limit (not a real model's whole 8k context)
+            longest = min(generator.context_length, (generator.encoder.max_input_tokens or generator.context_length)
+                          + generator.config.generation.max_new_tokens_limit)
+            blocks = running * math.ceil(longest / config.page_size) + 1
         cb = ContinuousBatchingConfig(
             page_size=config.page_size, num_blocks=blocks, max_memory_percent=config.kv_cache_memory_fraction,
             max_batch_tokens=config.max_batch_tokens or (CPU_MAX_BATCH_TOKENS if on_cpu else None),
-            max_requests_per_batch=running, per_request_processors=True, allow_block_sharing=config.prefix_caching,
-            seed=config.seed)
+            max_requests_per_batch=running, per_request_processors=True,
+            # a cached prefix is only valid for the adapter that computed it: no sharing when adapters are loaded
+            allow_block_sharing=config.prefix_caching and generator.adapters is None,
+            seed=config.seed, **({"use_cuda_graph": False} if generator.adapters is not None else {}))
         # Sampling stays on and the warpers exist (sentinel defaults != 1); every request passes its own values.
         gen = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id, max_new_tokens=generator.config.generation.max_new_tokens)
@@ -105,6 +110,10 @@ class ContinuousHFEngine(Engine):
         processors.tensors_required += 1
         processors.supported_keys["greedy"] = int
         processors.do_processing = True
+        if generator.adapters is not None:  # LoRA adapters chosen per request, mixed within a step (engines/lora.py)
+            from metaaligner.serving.engines.lora import route_continuous_batching
+
+            route_continuous_batching(self.manager, generator.adapters)
         self._requests: dict[str, _Request] = {}
         self._closed = False
         self._last_step, self._busy_s, self._busy_steps = None, 0.0, 0  # time between back-to-back steps
@@ -134,6 +143,8 @@ class ContinuousHFEngine(Engine):
     # -- the seam ---------------------------------------------------------------------------------------------------
     def submit(self, ids: list[int], params: GenerationParams, stream: bool = False) -> str:
         self._alive()
+        index = self.generator.adapter_index(params.adapter)  # EngineError for an adapter not loaded here
+        adapter = {"adapter": index} if self.generator.adapters is not None else {}
         rid = uuid.uuid4().hex
         req = _Request(asyncio.Queue(), len(ids), stream, detok=IncrementalDetokenizer(self.tokenizer) if stream else None)
         self._requests[rid] = req
@@ -142,7 +153,7 @@ class ContinuousHFEngine(Engine):
         added = self.manager.add_request(
             list(ids), request_id=rid, max_new_tokens=params.max_new_tokens, streaming=stream,
             temperature=1.0 if greedy else float(params.temperature), top_p=1.0 if greedy else float(params.top_p),
-            greedy=int(greedy))
+            greedy=int(greedy), **adapter)
         if added is None:
             self._forget(rid)
             raise EngineOverloaded("engine hf refused the request (stopping)")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Iterator, Sequence
 
 from metaaligner.storage import Storage, StorageConfig
 from metaaligner.serving.config import CorrectorConfig
-from metaaligner.serving.engines.contract import Generation, GenerationParams, PromptEncoder
+from metaaligner.serving.engines.contract import EngineError, Generation, GenerationParams, PromptEncoder
 
 
 def _stop_when(events: Sequence[threading.Event]):
@@ -25,13 +26,16 @@ def _stop_when(events: Sequence[threading.Event]):
 class TextGenerator:
     """A causal LM and its tokenizer: batched, left-padded generation returning only the new text."""
 
-    def __init__(self, config: CorrectorConfig, storage: Storage | StorageConfig | None = None):
+    def __init__(self, config: CorrectorConfig, storage: Storage | StorageConfig | None = None,
+                 adapters: Sequence[str] = ()):
+        """`adapters`: LoRA adapter folders served on this one copy of the model besides `config.adapter`."""
         import torch
 
         from metaaligner.modeling import check_model_folder, load_model, load_tokenizer, local_model_dir
 
         self.config = config
-        self.folder = check_model_folder(local_model_dir(config.model, Storage.of(storage), cache_dir=config.cache_dir))
+        storage = Storage.of(storage)
+        self.folder = check_model_folder(local_model_dir(config.model, storage, cache_dir=config.cache_dir))
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +44,8 @@ class TextGenerator:
         self.device = device
         self.tokenizer = load_tokenizer(self.folder, trust_remote_code=config.trust_remote_code, padding_side="left")
         self.model = load_model(self.folder, trust_remote_code=config.trust_remote_code, dtype=dtype, device=device).eval()
+        self.adapters = _load_adapters(self.model, [*([config.adapter] if config.adapter else []), *adapters],
+                                       storage, config.cache_dir)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.encoder = PromptEncoder(self.tokenizer, self.context_length, config.max_input_tokens)
         self._lock = threading.Lock()  # one generate at a time per model (batch thread vs stream thread)
@@ -79,11 +85,25 @@ class TextGenerator:
             inputs = self._inputs([list(batch_ids[i]) for i in idx])
             width = inputs["input_ids"].shape[1]
             stop = {"stopping_criteria": _stop_when([cancelled[i] for i in idx])} if cancelled else {}
-            with self._lock, torch.inference_mode():
+            with self._lock, torch.inference_mode(), self._selecting([params[i].adapter for i in idx]):
                 seqs = self.model.generate(**inputs, **self._kwargs(params[idx[0]], longest), **stop)
             for row, i in enumerate(idx):
                 out[i] = self._decode(seqs[row, width:].tolist()[: params[i].max_new_tokens], len(batch_ids[i]))
         return out  # type: ignore[return-value]
+
+    def adapter_index(self, key: str | None) -> int:
+        """0 for the base model, else the loaded adapter's index; an adapter not loaded here is an EngineError."""
+        if key is None:
+            return 0
+        if self.adapters is None or key not in self.adapters.index:
+            raise EngineError(f"adapter {key} is not loaded on model {self.config.model}")
+        return self.adapters.index[key]
+
+    def _selecting(self, keys: list[str | None]):
+        """Each row's adapter for the next generate (nothing to select without adapters)."""
+        for key in keys:
+            self.adapter_index(key)
+        return self.adapters.rows(keys) if self.adapters is not None else contextlib.nullcontext()
 
     def _decode(self, new: list[int], prompt_tokens: int) -> Generation:
         return self.encoder.generation(new, prompt_tokens)
@@ -100,7 +120,7 @@ class TextGenerator:
 
         def run():
             try:
-                with self._lock, torch.inference_mode():
+                with self._lock, torch.inference_mode(), self._selecting([params.adapter]):
                     seqs = self.model.generate(**inputs, streamer=streamer, stopping_criteria=_stop_when(
                         [cancelled or threading.Event()]), **self._kwargs(params, params.max_new_tokens))
                 result.append(self._decode(seqs[0, inputs["input_ids"].shape[1]:].tolist(), len(ids)))
@@ -117,3 +137,14 @@ class TextGenerator:
         if isinstance(result[0], BaseException):
             raise result[0]
         yield result[0]
+
+
+def _load_adapters(model, keys: list[str], storage: Storage, cache_dir: str):
+    """The AdapterSet of these adapter folders on `model` (None without any)."""
+    keys = list(dict.fromkeys(keys))
+    if not keys:
+        return None
+    from metaaligner.modeling import local_adapter_dir
+    from metaaligner.serving.engines.lora import AdapterSet
+
+    return AdapterSet(model, {key: local_adapter_dir(key, storage, cache_dir) for key in keys})

@@ -29,11 +29,12 @@ a GPU.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from metaaligner.serving.config import CorrectorConfig, VLLMEngineConfig
 from metaaligner.serving.engines.contract import (
@@ -136,24 +137,30 @@ class _Request:
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, config: CorrectorConfig, storage=None):
+    def __init__(self, config: CorrectorConfig, storage=None, adapters: Sequence[str] = ()):
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
             raise EngineError("engine `vllm` needs vLLM (pip install 'ray[llm]==2.60.0' on a GPU machine); "
                               "use engine: hf") from e
-        from metaaligner.modeling import check_model_folder, load_tokenizer, local_model_dir
+        from metaaligner.modeling import check_model_folder, load_tokenizer, local_adapter_dir, local_model_dir
         from metaaligner.storage import Storage
 
-        folder = check_model_folder(local_model_dir(config.model, Storage.of(storage), cache_dir=config.cache_dir))
+        storage = Storage.of(storage)
+        folder = check_model_folder(local_model_dir(config.model, storage, cache_dir=config.cache_dir))
+        keys = list(dict.fromkeys([*([config.adapter] if config.adapter else []), *adapters]))
+        # LoRA adapters as vLLM LoRA requests (experimental, like this engine): one id per adapter folder
+        self._loras = {key: (i + 1, local_adapter_dir(key, storage, config.cache_dir)) for i, key in enumerate(keys)}
+        ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for _, path in self._loras.values()]
+        lora_args = {"enable_lora": True, "max_loras": len(ranks), "max_lora_rank": max(ranks)} if ranks else {}
         tokenizer = load_tokenizer(folder, trust_remote_code=config.trust_remote_code, padding_side="left")
         v = config.vllm
         kwargs = dict(model=str(folder), tokenizer=str(folder), trust_remote_code=config.trust_remote_code,
                       dtype="auto" if config.dtype == "auto" else config.dtype,
                       gpu_memory_utilization=v.gpu_memory_utilization, max_num_seqs=v.max_num_seqs,
                       max_model_len=v.max_model_len, tensor_parallel_size=v.tensor_parallel_size,
-                      enforce_eager=v.enforce_eager, load_format="safetensors")
+                      enforce_eager=v.enforce_eager, load_format="safetensors", **lora_args)
         placement_group = None
         if v.tensor_parallel_size > 1:
             from ray.util import get_current_placement_group
@@ -191,13 +198,22 @@ class VLLMEngine(Engine):
 
         self._alive()
         rid = uuid.uuid4().hex
+        lora = None
+        if params.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            if params.adapter not in self._loras:
+                raise EngineError(f"adapter {params.adapter} is not loaded on this engine")
+            lora_id, path = self._loras[params.adapter]
+            lora = LoRARequest(f"adapter-{lora_id}", lora_id, str(path))
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0,
                                   output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
         req = _Request(asyncio.Queue(), asyncio.get_running_loop(), len(ids), stream)
         self._requests[rid] = req
         self._live.add(rid)
-        req.pump = self.loop_thread.start(self._pump(rid, req, TokensPrompt(prompt_token_ids=list(ids)), sampling))
+        req.pump = self.loop_thread.start(self._pump(rid, req, TokensPrompt(prompt_token_ids=list(ids)), sampling,
+                                                     lora))
         req.pump.add_done_callback(lambda _: self._live.discard(rid))
         self.counters.submitted += 1
         return rid
@@ -265,7 +281,7 @@ class VLLMEngine(Engine):
             self.loop_thread.stop()
 
     # -- helpers ----------------------------------------------------------------------------------------------------
-    async def _pump(self, request_id: str, req: _Request, prompt, sampling) -> None:
+    async def _pump(self, request_id: str, req: _Request, prompt, sampling, lora) -> None:
         """On the engine's loop: vLLM's outputs for one request, handed to the consumer's loop as they come."""
 
         def hand_over(item) -> None:
@@ -275,7 +291,7 @@ class VLLMEngine(Engine):
                 pass
 
         try:
-            async for out in self.llm.generate(prompt, sampling, request_id):
+            async for out in self.llm.generate(prompt, sampling, request_id, lora_request=lora):
                 hand_over(out)
         except asyncio.CancelledError:
             raise  # cancel(): vLLM's generate() has aborted the request
