@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metaaligner.data.column_digests import hash64
 from metaaligner.data.duplicates.candidate_ids import RowIds
-from metaaligner.data.duplicates.rule import ID_SCHEMA, KEY_SCHEMA, deferred_rows, duplicated, losers, pair_digest
+from metaaligner.data.duplicates.rule import ID_SCHEMA, KEY_SCHEMA, duplicated, losers, pair_digest
 from metaaligner.data.formats.canonical import validate_pair
 from metaaligner.objectives import load_objective_set
 
@@ -18,23 +19,23 @@ UF = load_objective_set("ultrafeedback")
 
 def id_rows(rows):
     ids, sources, positions = zip(*rows)
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(sources, pa.int32()),
-                                 pa.array(positions, pa.int64())], schema=ID_SCHEMA)
+    return pa.Table.from_arrays([pa.array(hash64(pa.array(ids, pa.string())), pa.uint64()),
+                                 pa.array(sources, pa.int32()), pa.array(positions, pa.int64())], schema=ID_SCHEMA)
 
 
-def test_duplicated_keeps_every_copy_of_a_repeated_id():
-    table = id_rows([("a", 0, 0), ("b", 0, 1), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1)])
+def test_duplicated_keeps_every_copy_of_a_repeated_id_once_in_position_order():
+    table = id_rows([("a", 0, 0), ("b", 0, 1), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1), ("c", 2, 1)])
     dup = duplicated(table)
-    assert sorted(zip(dup.column("id").to_pylist(), dup.column("source").to_pylist(), dup.column("row").to_pylist())) \
-        == [("a", 0, 0), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1)]
-    deferred = deferred_rows(dup)
-    assert {k: v.tolist() for k, v in deferred.items()} == {0: [0], 1: [5, 6], 2: [0, 1]}
+    assert list(zip(dup.column("source").to_pylist(), dup.column("row").to_pylist())) \
+        == [(0, 0), (1, 5), (1, 6), (2, 0), (2, 1)]
     assert duplicated(id_rows([("x", 0, 0)])).num_rows == 0
+    assert duplicated(id_rows([("x", 0, 0), ("y", 0, 1)])).num_rows == 0
 
 
 def keys(rows):
     ids, digests, sources, positions, candidates = zip(*rows)
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(digests, pa.binary(16)),
+    return pa.Table.from_arrays([pa.array(hash64(pa.array(ids, pa.string())), pa.uint64()),
+                                 pa.array(ids, pa.string()), pa.array(digests, pa.binary(16)),
                                  pa.array(sources, pa.int32()), pa.array(positions, pa.int64()),
                                  pa.array(candidates, pa.int32())], schema=KEY_SCHEMA)
 
@@ -67,24 +68,49 @@ def test_winner_is_the_smallest_digest_whatever_the_order_and_split():
     assert set(expected) == {r[2:] for r in rows} - winners
 
 
+def found(table):
+    """(id hash, source, row) rows as sorted tuples."""
+    return sorted(zip(table.column("key").to_pylist(), table.column("source").to_pylist(),
+                      table.column("row").to_pylist()))
+
+
+def hashed(rows):
+    return sorted((int(hash64(pa.array([i]))[0]), s, r) for i, s, r in rows)
+
+
 def test_row_ids_for_columnar_canonical_and_per_row_formats():
     table = pa.table({"id": ["a", None, "c"], "question": ["q"] * 3})
-    got = RowIds("canonical", UF)(table, 4, 100)
-    assert got.to_pylist() == [{"id": "a", "source": 4, "row": 100}, {"id": "c", "source": 4, "row": 102}]
+    got = RowIds("canonical", UF)(table, 4, np.array([100, 101, 102]))
+    assert found(got) == hashed([("a", 4, 100), ("c", 4, 102)])
     lines = [json.dumps({"id": "x", "question": "q"}).encode(), b"{broken", json.dumps({"id": 3}).encode()]
-    assert RowIds("canonical", UF)(lines, 1, 0).to_pylist() == [{"id": "x", "source": 1, "row": 0}]
+    assert found(RowIds("canonical", UF)(lines, 1, np.arange(3))) == hashed([("x", 1, 0)])
     keys_ = ("instruction_following", "honesty", "truthfulness", "helpfulness")
     comp = lambda text: {"response": text, "annotations": {k: {"Rating": "3"} for k in keys_}}
     uf = [json.dumps({"instruction": "Q", "completions": [comp("a"), comp("b"), comp("c")]}).encode()]
-    got = RowIds("ultrafeedback", UF)(uf, 2, 7)
+    got = RowIds("ultrafeedback", UF)(uf, 2, np.array([7]))
     assert got.num_rows == 3 and set(got.column("row").to_pylist()) == {7}
 
 
 def test_row_ids_of_integer_ids_are_left_to_the_per_row_path():
-    got = RowIds("canonical", UF)(pa.table({"id": pa.array([1, 2], pa.int64())}), 0, 0)
+    got = RowIds("canonical", UF)(pa.table({"id": pa.array([1, 2], pa.int64())}), 0, np.arange(2))
     assert got.num_rows == 0  # canonical ids must be strings: such rows are quarantined, never duplicates
 
 
+def test_hh_row_ids_column_wise_are_the_adapters():
+    """hh_rlhf_scores: the column form gives the adapter's ids (the id column as text, else "hh-" + the content
+    digest) for every row the adapter gives one; odd ids and rows without texts are the adapter's to decide."""
+    hh = load_objective_set("hh_rlhf")
+    base = {"prompt": ["p1", "p2", "p3", None, "p5", "p6"], "chosen_response": ["a", "b", "c", "d", "e", "f"],
+            "rejected_response": ["x", "y", "z", "w", "v", " "], "chosen_score1": [1.0] * 6,
+            "rejected_score1": [0.5] * 6}
+    ids = RowIds("hh_rlhf_scores", hh)
+    for id_column in (None, ["i1", None, "", "i4", 5, "i6"], [1, 2, None, 4, 5, 6], [1.5, None, 2.0, 1.0, 3.0, 4.0]):
+        table = pa.table(base if id_column is None else {**base, "id": id_column if not isinstance(id_column[4], int)
+                                                         or id_column[0] == 1 else [str(v) if v is not None else None
+                                                                                    for v in id_column]})
+        per_row = sorted((int(hash64(pa.array([i]))[0]), 0, r) for r, row in enumerate(table.to_pylist())
+                         for i in ids.row_ids(row))
+        assert found(ids(table, 0, np.arange(6))) == per_row
 def test_pair_digest_ignores_how_the_row_was_read():
     a = validate_pair({"id": "p", "question": "q", "response_1": "x", "response_2": "y",
                        "preferences": '{"Honesty": ">", "Helpfulness": "="}'}, UF, 1)

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from metaaligner.data.column_digests import digests
+
 
 class HoldoutSplit:
     def __init__(self, fraction: float, seed: int):
@@ -23,3 +29,10 @@ class HoldoutSplit:
             return False
         digest = hashlib.blake2b(f"{self.seed}\x00{question}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
         return int.from_bytes(digest, "little") < self._threshold
+
+    def held_out_column(self, questions: pa.Array) -> np.ndarray:
+        """`held_out` for a string column of questions at once (the same hash, over the column's buffer)."""
+        if not self._threshold or not len(questions):
+            return np.zeros(len(questions), dtype=bool)
+        keys = pc.binary_join_element_wise(pa.scalar(f"{self.seed}\x00", questions.type), questions, "")
+        return np.frombuffer(digests(keys, 8), dtype="<u8") < np.uint64(self._threshold)
