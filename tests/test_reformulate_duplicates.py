@@ -104,13 +104,15 @@ def test_hh_row_ids_column_wise_are_the_adapters():
             "rejected_response": ["x", "y", "z", "w", "v", " "], "chosen_score1": [1.0] * 6,
             "rejected_score1": [0.5] * 6}
     ids = RowIds("hh_rlhf_scores", hh)
-    for id_column in (None, ["i1", None, "", "i4", 5, "i6"], [1, 2, None, 4, 5, 6], [1.5, None, 2.0, 1.0, 3.0, 4.0]):
-        table = pa.table(base if id_column is None else {**base, "id": id_column if not isinstance(id_column[4], int)
-                                                         or id_column[0] == 1 else [str(v) if v is not None else None
-                                                                                    for v in id_column]})
+    id_columns = [None, pa.array(["i1", None, "", "i4", " ", "i6"]), pa.array([1, 2, None, 4, 5, 6]),
+                  pa.array([1.5, None, 2.0, 1.0, 3.0, 4.0])]
+    for id_column in id_columns:
+        table = pa.table(base) if id_column is None else pa.table(base).append_column("id", id_column)
         per_row = sorted((int(hash64(pa.array([i]))[0]), 0, r) for r, row in enumerate(table.to_pylist())
                          for i in ids.row_ids(row))
-        assert found(ids(table, 0, np.arange(6))) == per_row
+        assert found(ids(table, 0, np.arange(6))) == per_row and per_row
+
+
 def test_pair_digest_ignores_how_the_row_was_read():
     a = validate_pair({"id": "p", "question": "q", "response_1": "x", "response_2": "y",
                        "preferences": '{"Honesty": ">", "Helpfulness": "="}'}, UF, 1)
@@ -143,7 +145,7 @@ def write_layout(rows, folder, files, kind, seed):
     for k in range(files):
         part = rows[k::files]
         if kind == "parquet":
-            pq.write_table(pa.Table.from_pylist(part), folder / f"part-{k}.parquet")
+            pq.write_table(pa.Table.from_pylist(part), folder / f"part-{k}.parquet", row_group_size=16)
         else:
             (folder / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 
@@ -158,16 +160,23 @@ def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, 
     from metaaligner.data.reformulate.job import run_reformulation
 
     rows = planted_rows()
-    layouts = [("one", 1, "parquet", 0), ("many", 5, "parquet", 1), ("jsonl", 3, "jsonl", 2)]
+    # files whole, files split into units (row groups, byte ranges), duplicates combined by one task or per hash
+    # partition (Ray Data's groupby; the two-node test runs it across nodes)
+    layouts = [("one", 1, "parquet", 0, {}), ("many", 5, "parquet", 1, {}), ("jsonl", 3, "jsonl", 2, {}),
+               ("split", 2, "parquet", 3, {"unit_mb": 0.01, "duplicate_check_local_mb": 0}),
+               ("jsonl-split", 2, "jsonl", 4, {"unit_mb": 0.02})]
     outputs = []
-    for name, files, kind, seed in layouts:  # (the partitioned shuffle is exercised by the two-node test)
+    for name, files, kind, seed, settings in layouts:
         write_layout(rows, tmp_path / name, files, kind, seed)
         cfg = ReformulateConfig(input=str(tmp_path / name), output=str(tmp_path / f"out-{name}"),
-                                objectives="synthetic", batch_size=64)
+                                objectives="synthetic", batch_size=64, **settings)
         summary = run_reformulation(cfg, storage)
         assert summary["duplicates"] == len(rows) - 300 and summary["valid_pairs"] == 300
+        assert summary["duplicate_check"]["losers"] == summary["duplicates"]
+        if settings:
+            assert summary["work_units"] > files
         outputs.append(kept_items(tmp_path / f"out-{name}"))
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert all(out == outputs[0] for out in outputs)
 
     # the kept copy of every duplicated id is the one with the smallest content digest
     best = {}
@@ -178,3 +187,27 @@ def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, 
     for pair_id, (_, pair) in best.items():
         item = targets[pair_id]
         assert {item["weak_answer"], item["target"]} == {pair.response_1, pair.response_2}
+
+
+def test_hh_scores_without_ids_keep_one_pair_per_content_whatever_the_split(ray_cluster, tmp_path, storage):
+    """hh_rlhf_scores as `score` writes it (no id column): a pair's id is its content digest, so rows repeating a
+    prompt/chosen/rejected triple are duplicates; one wins whether files are read whole or by row groups."""
+    from test_reformulate_vectorized import scored_table
+
+    from metaaligner.config import ReformulateConfig
+    from metaaligner.data.reformulate.job import run_reformulation
+
+    table = scored_table(random.Random(9), 1200, duplicates=0.2)
+    distinct = len({(r["prompt"], r["chosen_response"], r["rejected_response"]) for r in table.to_pylist()})
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        pq.write_table(table.slice(600 * k, 600), tmp_path / "in" / f"part-{k}.parquet", row_group_size=50)
+    outputs = []
+    for name, settings in (("whole", {}), ("split", {"unit_mb": 0.02})):
+        cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(tmp_path / name), format="hh_rlhf_scores",
+                                objectives="hh_rlhf", template="hh_rlhf", batch_size=100, **settings)
+        summary = run_reformulation(cfg, storage)
+        assert summary["valid_pairs"] == distinct and summary["duplicates"] == 1200 - distinct > 150
+        assert summary["column_path_rows"] >= 1200 - summary["duplicate_check"]["rows_deferred"]
+        outputs.append(kept_items(tmp_path / name))
+    assert outputs[0] == outputs[1]

@@ -173,7 +173,8 @@ def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig |
     try:
         mark = time.perf_counter()
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        units = plan(sources, cpus, cfg.unit_mb << 20 if cfg.unit_mb else None, early.layouts if early else None)
+        unit_bytes = int(cfg.unit_mb * 2**20) if cfg.unit_mb else None
+        units = plan(sources, cpus, unit_bytes, early.layouts if early else None)
         timings["plan_s"] = round(time.perf_counter() - mark, 3)
         if early is not None and early.stats is not None:
             deferred, check = early.positions(), early.stats
@@ -196,7 +197,7 @@ def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig |
     result.bad_files = merge_bad_files(result.bad_files)
     files = len(sources) if sources.kind else None
     summary = {**summarize(result, time.perf_counter() - started, cfg, files), "run_id": output.run_id,
-               "duplicate_check": check, "column_path_rows": result.column_rows,
+               "duplicate_check": check, "column_path_rows": result.column_rows, "work_units": len(units),
                "worker_nodes": len(result.nodes), "timings": timings}
     if summary["bad_fraction"] > cfg.max_bad_fraction:
         storage.write_json(output.path("_summary.json"), {**summary, "committed": False})

@@ -4,8 +4,8 @@ Each block names work units by index (io.units: a file, a run of its Parquet row
 lines, or a block of an in-memory dataset; no per-row path strings travel). A task reads its units in Arrow
 batches, runs the column path with per-row fallback (batch), and writes `contrastive/`, `equal/`, `test/` and
 `_quarantine/` Parquet parts with large row groups (io.parquet_writer) into the run's staging folder. Rows the
-duplicate check defers go to a scratch file per unit for the resolve step. On an error every file of the task is aborted, never closed half-written; the commit
-happens in the driver once every task has succeeded.
+duplicate check defers go to a scratch file per unit for the resolve step. On an error every file of the task is
+aborted, never closed half-written; the commit happens in the driver once every task has succeeded.
 """
 
 from __future__ import annotations
