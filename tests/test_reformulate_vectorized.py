@@ -46,6 +46,13 @@ def assert_same(table: pa.Table, fmt: str, objectives, template=None, min_vector
     template = template or get_template("paper")
     expected = oracle(table, fmt, objectives, template, **kw)
     got = vectorised(table, fmt, objectives, template, **kw)
+    assert_outputs(got, expected)
+    assert got.vector_rows >= min_vector_share * table.num_rows
+    return got
+
+
+def assert_outputs(got, expected):
+    """The column path's output (BatchOutput) is the per-row path's (BatchResult): items, records, counters."""
     for kind, columns in expected.items.items():
         want = sorted(map(json.dumps, rows_of(columns)))
         have = sorted(json.dumps(r) for t in got.tables[kind] for r in t.to_pylist())
@@ -53,8 +60,6 @@ def assert_same(table: pa.Table, fmt: str, objectives, template=None, min_vector
     quarantine = sorted(json.dumps(q, sort_keys=True) for q in expected.quarantine)
     assert sorted(json.dumps(q, sort_keys=True) for t in got.tables["_quarantine"] for q in t.to_pylist()) == quarantine
     assert +got.counts == +expected.counts
-    assert got.vector_rows >= min_vector_share * table.num_rows
-    return got
 
 
 def random_preferences(rng, names, junk=0.0):
@@ -347,6 +352,10 @@ def test_resolve_keys_column_wise_are_the_per_row_keys(fmt):
         table, objectives, decimals = canonical_table(rng, 300, UF, junk=0.3), UF, 1
     else:
         table, objectives, decimals = hh_table(rng, 300, True, False), HH, None
+    field = "question" if fmt == "canonical" else "prompt"
+    texts = table.column(field).to_pylist()
+    texts[1] = "a control character \x01 json writes as \\u0001"
+    table = table.set_column(table.column_names.index(field), field, pa.array(texts, table.schema.field(field).type))
     reformulator = VectorReformulator(fmt, objectives, get_template("paper"), 7, decimals, HoldoutSplit(0.0, 0))
     keys = PairKeys(reformulator)
     positions = np.arange(table.num_rows) * 3
@@ -383,3 +392,37 @@ def test_whitespace_list_is_pythons():
     from metaaligner.data.reformulate.column_checks import PY_SPACE
 
     assert PY_SPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+
+
+def uf_lines(rng, n):
+    keys = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+    comp = lambda text: {"response": text, "annotations": {k: {"Rating": rng.choice("12345")} for k in keys}}
+    return [json.dumps({"instruction": f"Q{i % 7}", "completions": [comp(f"a{i}"), comp(f"b{i % 3}"), comp("c")]})
+            .encode() for i in range(n)] + [b"{bad"]
+
+
+@pytest.mark.parametrize("fmt", ["canonical", "hh_rlhf_scores", "ultrafeedback"])
+def test_replayed_batches_are_the_per_row_path_with_the_decided_owners(fmt):
+    """The resolve step's replay of one batch (column path, straight quarantine of losing rows, per-row fallback)
+    gives what the per-row path gives with the same owners."""
+    from metaaligner.data.reformulate.owners import PositionOwners
+    from metaaligner.data.reformulate.resolve import replay_batch
+
+    rng = random.Random(fmt)
+    objectives, decimals, template = UF, 1, get_template("paper")
+    if fmt == "canonical":
+        raw = canonical_table(rng, 400, UF, junk=0.2)
+    elif fmt == "hh_rlhf_scores":
+        raw, objectives, decimals = hh_table(rng, 400, True, rng.random() < 0.5), HH, None
+    else:
+        raw = uf_lines(rng, 60)
+    n = raw.num_rows if isinstance(raw, pa.Table) else len(raw)
+    lost = sorted({(r, rng.randrange(3) if fmt == "ultrafeedback" else 0) for r in rng.sample(range(n), n // 3)})
+    rows = python_rows(raw) if isinstance(raw, pa.Table) else raw
+    expected = Reformulator(fmt, objectives, template, 7, decimals, HoldoutSplit(0.2, 1), PositionOwners(set(lost)))(
+        rows, "src.parquet", "")
+    at, candidates = (np.array(c, dtype=np.int64) for c in zip(*lost))
+    reformulator = VectorReformulator(fmt, objectives, template, 7, decimals, HoldoutSplit(0.2, 1))
+    got = replay_batch(reformulator, raw, "src.parquet", at, candidates)
+    assert_outputs(got, expected)
+    assert expected.counts["quarantined.duplicate_id"] > 10

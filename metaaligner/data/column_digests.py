@@ -4,6 +4,8 @@
   buffer: no Python string per row). `content_ids` and `HoldoutSplit.held_out_column` build the bytes the per-row
   code hashes (`ids.content_digest`, `HoldoutSplit.held_out`) with `pyarrow.compute`, then hash them here, so the
   results are the same bit for bit.
+- `json_strings`: each string as `json.dumps(value, ensure_ascii=False)` writes it, so JSON documents can be
+  joined column-wise and hashed (`rule.pair_digest`'s bytes, in the resolve step).
 - `hash64`: a 64-bit hash of every value, in numpy (a polynomial over the bytes, finished with splitmix64). It is
   for FINDING equal values (duplicate-id candidates) and spreading them over partitions, never for naming
   anything: equal inputs always give equal hashes, and different inputs collide with probability ~2^-64 for
@@ -78,6 +80,36 @@ def content_ids(columns: list[pa.Array], prefix: str) -> pa.StringArray:
     joined = pc.binary_join_element_wise(*columns, pa.scalar("", columns[0].type), "\x00")
     ids = hex_strings(digests(joined, 16), 16, prefix)
     return ids if joined.null_count == 0 else pc.if_else(pc.is_valid(joined), ids, pa.scalar(None, pa.string()))
+
+
+_JSON_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                 ord("\b"): "\\b", ord("\f"): "\\f"}
+_SPECIAL = np.zeros(256, dtype=bool)  # bytes json escapes: control characters, '"' and '\\'
+_SPECIAL[:32] = _SPECIAL[ord('"')] = _SPECIAL[ord("\\")] = True
+
+
+def json_strings(array: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(`json.dumps(v, ensure_ascii=False)` of every string, ok): quotes added and `\\`, `"`, newline, return, tab,
+    backspace and form feed escaped as json writes them; `ok` is False for nulls and for values holding other
+    control characters (json writes those as \\u00XX: callers leave such rows to Python). One pass over the
+    column's bytes finds which of them occur; only those are replaced."""
+    binary = _binary(array)
+    array = binary.view(pa.string())
+    offsets, data = _layout(binary)
+    ok = pc.fill_null(pc.is_valid(array), False).to_numpy(zero_copy_only=False).astype(bool)
+    text = array
+    if data is not None and offsets[-1] > offsets[0]:
+        values = np.frombuffer(data, dtype=np.uint8, count=int(offsets[-1] - offsets[0]), offset=int(offsets[0]))
+        hits = np.flatnonzero(_SPECIAL[values])
+        found = values[hits]
+        for byte in sorted(np.unique(found).tolist(), key=lambda b: b != ord("\\")):  # backslashes first
+            if byte in _JSON_ESCAPES:
+                text = pc.replace_substring(text, chr(byte), _JSON_ESCAPES[byte])
+            else:
+                rows = np.searchsorted(offsets - offsets[0], hits[found == byte], side="right") - 1
+                ok[rows] = False
+    quoted = pc.binary_join_element_wise(pa.scalar('"', array.type), text, pa.scalar('"', array.type), "")
+    return quoted, ok
 
 
 def _powers_up_to(n: int) -> np.ndarray:

@@ -179,6 +179,18 @@ class Reformulator:
             _append(out.items[TEST_SUBSET], test_row)
         out.counts["test_rows"] += len(rows)
 
+    def lose_rows(self, rows: list, source: str) -> BatchResult:
+        """Rows whose one pair is known valid (the column checks passed) and lost its id: the records and counters
+        adapt_row + emit_row give them, without validating the pair again."""
+        out = BatchResult()
+        for raw in rows:
+            candidate = self.format.adapt(decode_record(raw), self.objectives, out.counts)[0]
+            for key in ("rows_read", "rows_adapted", "pairs_total", "pairs_quarantined"):
+                out.counts[key] += 1
+            self._quarantine(out, DUPLICATE_ID, f"id {candidate['id']!r} was already used by another pair", candidate,
+                             source)
+        return out
+
     # -- per batch ----------------------------------------------------------------------------------------------
     def __call__(self, rows: list, source: str = "", position: str = "") -> BatchResult:
         """One batch of raw rows from one source (file path, or "" for in-memory datasets). `position` (e.g. the

@@ -15,12 +15,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from metaaligner.data.column_digests import hash64
+from metaaligner.data.column_digests import digests, hash64, json_strings
 from metaaligner.data.duplicates.passes import LOCAL_LIMIT_BYTES, Positions, combine_by_key
 from metaaligner.data.duplicates.rule import CANDIDATE, KEY_SCHEMA, ROW, losers, pair_digest
 from metaaligner.data.io.columns import python_rows
@@ -62,7 +63,6 @@ class PairKeys:
         names = reformulator.columns.objectives.names
         self.order = sorted(range(len(names)), key=lambda k: names[k])  # pair_digest sorts the preferences
         self.names = names
-        self.preferences: dict[bytes, list] = {}
 
     def __call__(self, raw, source: int, positions: np.ndarray) -> pa.Table:
         n = raw.num_rows if isinstance(raw, pa.Table) else len(raw)
@@ -84,19 +84,35 @@ class PairKeys:
         return pa.concat_tables(tables)
 
     def _columns(self, pairs, source: int, positions: np.ndarray) -> pa.Table:
-        ids = pairs.ids.to_pylist()
-        texts = zip(ids, pairs.question.to_pylist(), pairs.response_1.to_pylist(), pairs.response_2.to_pylist())
-        symbols = np.ascontiguousarray(pairs.symbols[:, self.order])
-        digests = []
-        for (pid, question, r1, r2), codes in zip(texts, symbols):
-            key = codes.tobytes()
-            prefs = self.preferences.get(key)
-            if prefs is None:
-                prefs = self.preferences[key] = [[self.names[self.order[j]], _SYMBOLS[c]] for j, c in enumerate(codes)
-                                                 if c in _SYMBOLS]
-            content = json.dumps([pid, question, r1, r2, prefs], ensure_ascii=False).encode("utf-8")
-            digests.append(hashlib.blake2b(content, digest_size=16).digest())
-        return _keys(pairs.ids, digests, source, positions, np.zeros(len(ids), np.int32))
+        """Keys of valid pairs: the JSON document pair_digest hashes, joined column-wise (json_strings) and hashed
+        in one pass (column_digests.digests); rows holding rare control characters are dumped by Python."""
+        n = len(pairs.ids)
+        symbols = pairs.symbols[:, self.order].astype(np.int64)
+        codes = (symbols * (4 ** np.arange(symbols.shape[1]))).sum(axis=1)
+        patterns, inverse = np.unique(codes, return_inverse=True)
+        first = [int(np.argmax(codes == code)) for code in patterns]
+        preferences = [self._preferences(symbols[row]) for row in first]
+        texts, ok = [], np.ones(n, dtype=bool)
+        for column in (pairs.ids, pairs.question, pairs.response_1, pairs.response_2):
+            quoted, column_ok = json_strings(column)
+            texts.append(quoted)
+            ok &= column_ok
+        tails = pa.array([json.dumps(p, ensure_ascii=False) for p in preferences], pa.string()).take(
+            pa.array(inverse.reshape(-1), pa.int64()))
+        texts[0] = pc.binary_join_element_wise("[", texts[0], "")
+        documents = pc.binary_join_element_wise(*texts, pc.binary_join_element_wise(tails, "]", ""), ", ")
+        raw = np.frombuffer(digests(documents, 16), dtype=np.uint8).reshape(n, 16)
+        hashed = [bytes(row) for row in raw]
+        for row in np.nonzero(~ok)[0].tolist():  # json writes other control characters as \u00XX
+            content = [pairs.ids[row].as_py(), pairs.question[row].as_py(), pairs.response_1[row].as_py(),
+                       pairs.response_2[row].as_py(), preferences[inverse.reshape(-1)[row]]]
+            hashed[row] = hashlib.blake2b(json.dumps(content, ensure_ascii=False).encode("utf-8"),
+                                          digest_size=16).digest()
+        return _keys(pairs.ids, hashed, source, positions, np.zeros(n, np.int32))
+
+    def _preferences(self, codes: np.ndarray) -> list:
+        """[[name, symbol], ...] sorted by name, as pair_digest writes a pair's preferences."""
+        return [[self.names[self.order[j]], _SYMBOLS[c]] for j, c in enumerate(codes.tolist()) if c in _SYMBOLS]
 
     def _per_row(self, rows: list, source: int, positions: np.ndarray) -> pa.Table:
         ids, digests, where, candidates = [], [], [], []
@@ -119,6 +135,32 @@ def _keys(ids: pa.Array, digests: list[bytes], source: int, positions: np.ndarra
                                  pa.array(digests, pa.binary(16)), pa.array(np.full(len(ids), source, np.int32)),
                                  pa.array(positions, pa.int64()), pa.array(candidates, pa.int32())],
                                 schema=KEY_SCHEMA)
+
+
+def replay_batch(reformulator: VectorReformulator, raw, source: str, at: np.ndarray,
+                 candidates: np.ndarray) -> BatchOutput:
+    """One batch of deferred rows, given its losing pairs (`at[i]`: the batch index of the row of losing pair i,
+    `candidates[i]`: its index within the row). Rows without a losing pair take the batch path (column-wise,
+    per-row fallback); a row whose one pair passed the column checks is quarantined as `duplicate_id` straight
+    away (`Reformulator.lose_rows`); any other row with a losing pair goes through the per-row path with those
+    owners."""
+    losing = np.unique(at)
+    out = reformulator(raw, source, losing)
+    if not len(losing):
+        return out
+    index = pa.array(losing, pa.int64())
+    checked = np.zeros(len(losing), dtype=bool)
+    if isinstance(raw, pa.Table) and reformulator.columns.supported:  # one pair per row
+        mapped = reformulator.columns(raw.take(index))
+        checked = mapped[1] if mapped is not None else checked
+    rows = python_rows(raw.take(index)) if isinstance(raw, pa.Table) else [raw[i] for i in losing]
+    out.add_rows(reformulator.per_row.lose_rows([r for r, ok in zip(rows, checked) if ok], source))
+    rest = np.nonzero(~checked)[0]
+    if len(rest):
+        slot = {int(losing[k]): i for i, k in enumerate(rest)}
+        lost = {(slot[a], c) for a, c in zip(at.tolist(), candidates.tolist()) if a in slot}
+        out.add_rows(reformulator.per_row_with(PositionOwners(lost))([rows[k] for k in rest], source, ""))
+    return out
 
 
 class ReplaySink(Datasink[TaskResult]):
@@ -147,15 +189,7 @@ class ReplaySink(Datasink[TaskResult]):
         for source, positions, raw in scratch_batches(uri, self.storage, self.batch_size):
             lo, hi = np.searchsorted(lost_rows, [positions[0], positions[-1] + 1])
             at = np.searchsorted(positions, lost_rows[lo:hi])  # batch index of each losing pair's row
-            losing = np.unique(at)
-            name = self.sources.name(source)
-            out = self.reformulator(raw, name, losing)
-            if len(losing):
-                slot = {row: i for i, row in enumerate(losing.tolist())}
-                owners = PositionOwners({(slot[a], c) for a, c in zip(at.tolist(), lost_candidates[lo:hi].tolist())})
-                rows = python_rows(raw.take(pa.array(losing, pa.int64()))) if isinstance(raw, pa.Table) else \
-                    [raw[i] for i in losing]
-                out.add_rows(self.reformulator.per_row_with(owners)(rows, name, ""))
+            out = replay_batch(self.reformulator, raw, self.sources.name(source), at, lost_candidates[lo:hi])
             result.add(out)
             parts.write_output(out)
 
@@ -179,8 +213,14 @@ def resolve(scratch_units: list[int], reformulator: VectorReformulator, output: 
         return pa.concat_tables(tables)
 
     key_rows = index_dataset(UNIT, scratch_units).map_batches(keys, batch_format="pyarrow", batch_size=1).materialize()
+    keys_done = time.perf_counter()
     lost, stats = combine_by_key(key_rows, losers, KEY_SCHEMA, local_limit_bytes)
+    losers_done = time.perf_counter()
     sink = ReplaySink(reformulator, lost, output, sources, units, scratch, storage, batch_size)
     index_dataset(UNIT, scratch_units).write_datasink(sink)
-    return sink.result, {"keys": stats["rows"], "key_partitions": stats["partitions"], "losers": lost.count,
-                         "resolve_s": round(time.perf_counter() - started, 3)}
+    done = time.perf_counter()
+    return sink.result, {"keys": stats["rows"], "key_bytes": stats["bytes"], "key_partitions": stats["partitions"],
+                         "losers": lost.count, "resolve_s": round(done - started, 3),
+                         "resolve_steps_s": {"keys": round(keys_done - started, 3),
+                                             "losers": round(losers_done - keys_done, 3),
+                                             "replay": round(done - losers_done, 3)}}
