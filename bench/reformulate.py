@@ -3,6 +3,8 @@
     python bench/reformulate.py --pairs 600000 --files 8 --where local          # the end-to-end target
     python bench/reformulate.py --pairs 2000000 --files 32 --formats canonical,hh   # both input kinds, same run
     python bench/reformulate.py --pairs 2000000 --files 32 --duplicates 0.2 --runs a --also-without-duplicates
+    python bench/reformulate.py --pairs 200000 --files 8 --formats canonical,hh --duplicates 0.2 --runs a0,a \
+        --old-tree /tmp/old   # the resolve step against an earlier commit (git archive ... | tar -x -C /tmp/old)
     python bench/reformulate.py --pairs 1000000 --files 16 --where s3
     python bench/reformulate.py --scale --pairs 10000000 --files 80 --where s3 --duplicates 0.01 --timeout 3600
 
@@ -20,8 +22,9 @@ same-run comparison of the job itself (the resolve step per deferred row with `-
 Each run is its own process; its peak memory is the summed PSS of its process tree (Ray's GCS, raylet and
 workers included; the S3 server excluded), sampled every 0.2 s, and the driver's own peak RSS (VmHWM of the
 CLI process). The runs' items are checked to be the same set (an order-independent checksum of id +
-objectives + prompt + target). `--scale` runs (a) alone and reports the duplicate check's figures from the job
-summary. With --where s3 a local SeaweedFS server is started unless AWS_ENDPOINT_URL is set.
+objectives + prompt + target; with --duplicates only (a) and (a0), which apply the duplicate rule). With
+--duplicates, (a) and (a0) report the resolve step's time per deferred row (`resolve_us_per_deferred_row`).
+`--scale` runs (a) alone and reports the duplicate check's figures from the job summary. With --where s3 a local SeaweedFS server is started unless AWS_ENDPOINT_URL is set.
 """
 
 from __future__ import annotations
@@ -292,7 +295,13 @@ class TreePeak:
 
 
 def checksum(uri: str) -> tuple[dict, str]:
-    """Items per subset and an order-independent digest of (id, objectives, prompt, target) over all items."""
+    """Items per subset and an order-independent digest of (id, objectives, prompt, target) over all items: the
+    sum mod 2^64 of a 64-bit hash of each item's fields joined column-wise (no Python object per item)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from metaaligner.data.column_digests import hash64
+
     st = Storage()
     fs, root = st.filesystem(uri)
     counts, total = {}, 0
@@ -301,9 +310,10 @@ def checksum(uri: str) -> tuple[dict, str]:
         for path in st.list_files(storage.join(uri, subset), (".parquet",)):
             with fs.open_input_file(path) as f:
                 for batch in pq.ParquetFile(f).iter_batches(columns=["id", "objectives", "prompt", "target"]):
-                    for row in batch.to_pylist():
-                        h = hashlib.blake2b(json.dumps(row).encode(), digest_size=8).digest()
-                        total = (total + int.from_bytes(h, "little")) % (1 << 64)
+                    fields = [batch.column("id"), pc.binary_join(batch.column("objectives"), "\x1f"),
+                              batch.column("prompt"), batch.column("target")]
+                    joined = pc.binary_join_element_wise(*fields, "\x1e")
+                    total = (total + int(hash64(joined).sum(dtype=np.uint64))) % (1 << 64)
                     counts[subset] += batch.num_rows
     return counts, f"{total:016x}"
 
@@ -373,6 +383,9 @@ def run_format(fmt: str, args, root: str, env: dict) -> dict:
                 summary = Storage().read_json(storage.join(dst, "_summary.json"))
                 r["job"] = {k: summary.get(k) for k in ("wall_time_s", "commit_s", "timings", "duplicate_check",
                                                         "duplicates", "column_path_rows", "items_total", "work_units")}
+                check = summary.get("duplicate_check") or {}
+                if check.get("rows_deferred") and check.get("resolve_s") is not None:
+                    r["resolve_us_per_deferred_row"] = round(1e6 * check["resolve_s"] / check["rows_deferred"], 1)
             if not (args.no_verify or args.scale):
                 r["items"], r["checksum"] = checksum(dst)
             print(fmt, key, json.dumps(r), flush=True)
@@ -381,11 +394,17 @@ def run_format(fmt: str, args, root: str, env: dict) -> dict:
             results[label]["ratio_vs_c"] = round(results["c"]["wall_s"] / results[label]["wall_s"], 2)
     if "a" in results and "b" in results:
         results["a"]["ratio_vs_b"] = round(results["b"]["wall_s"] / results["a"]["wall_s"], 2)
+    if "a0" in results and "a" in results and "resolve_us_per_deferred_row" in results["a"]:
+        results["a"]["resolve_speedup_vs_a0"] = round(results["a0"]["resolve_us_per_deferred_row"] /
+                                                      results["a"]["resolve_us_per_deferred_row"], 2)
     if "a-nodup" in results:
         results["a"]["driver_rss_vs_nodup"] = round(results["a"]["driver_peak_rss_mib"] /
                                                     results["a-nodup"]["driver_peak_rss_mib"], 3)
-    same = {r.get("checksum") for k, r in results.items() if not k.endswith("-nodup")}
-    return {"same_items": len(same) == 1 if not (args.no_verify or args.scale) else None, "runs": results}
+    # (b) and (c) have no duplicate check: with duplicate ids only the job's runs must agree
+    compared = [k for k in results if not k.endswith("-nodup") and (not args.duplicates or k in ("a", "a0"))]
+    same = {results[k].get("checksum") for k in compared}
+    return {"same_items": len(same) == 1 if not (args.no_verify or args.scale) else None, "compared": compared,
+            "runs": results}
 
 
 def main() -> None:
