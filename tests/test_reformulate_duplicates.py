@@ -211,3 +211,30 @@ def test_hh_scores_without_ids_keep_one_pair_per_content_whatever_the_split(ray_
         assert summary["column_path_rows"] >= 1200 - summary["duplicate_check"]["rows_deferred"]
         outputs.append(kept_items(tmp_path / name))
     assert outputs[0] == outputs[1]
+
+
+def test_positions_stay_in_the_object_store_and_each_unit_gets_its_slice(ray_cluster):
+    """Deferred rows / losing pairs cross the driver only as object references (the pickle does not grow with
+    their number); a task gathers its unit's rows from every partition's table, sorted."""
+    import pickle
+
+    import ray
+
+    from metaaligner.data.duplicates.passes import Positions
+    from metaaligner.data.duplicates.rule import LOST_SCHEMA, by_position
+    from metaaligner.data.io.units import WorkUnit
+
+    rng = np.random.default_rng(0)
+    source, row = rng.integers(0, 3, 200_000).astype(np.int32), rng.integers(0, 10_000, 200_000)
+    table = pa.table({"source": source, "row": row, "candidate": np.zeros(200_000, np.int32)}, schema=LOST_SCHEMA)
+    halves = [by_position(table.slice(0, 100_000)), by_position(table.slice(100_000))]  # two hash partitions
+    positions = Positions(tuple(ray.put(t) for t in halves), table.num_rows)
+    assert len(pickle.dumps(positions)) < 2_000
+
+    unit = WorkUnit(1, row_groups=(2, 3), first_row=2_000, rows=3_000)  # rows [2000, 5000) of source 1
+    got = positions.within(unit)
+    mask = (source == 1) & (row >= 2_000) & (row < 5_000)
+    assert got.num_rows == int(mask.sum())
+    assert got.equals(by_position(table.filter(pa.array(mask))))
+    assert positions.within(WorkUnit(0)).num_rows == int((source == 0).sum())
+    assert positions.within(WorkUnit(7)) is None
