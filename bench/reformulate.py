@@ -300,7 +300,7 @@ def checksum(uri: str) -> tuple[dict, str]:
     import numpy as np
     import pyarrow.compute as pc
 
-    from metaaligner.data.column_digests import hash64
+    from metaaligner.data.ids.columns import hash64
 
     st = Storage()
     fs, root = st.filesystem(uri)

@@ -1,4 +1,4 @@
-"""Hashes over Arrow columns (data.column_digests) give the per-row code's values bit for bit."""
+"""Hashes over Arrow columns (data.ids.columns) give the per-row code's values bit for bit."""
 
 import json
 import random
@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pyarrow as pa
 
-from metaaligner.data.column_digests import content_ids, hash64, hash64_reference, json_strings
+from metaaligner.data.ids.columns import content_ids, hash64, hash64_reference, json_strings
 from metaaligner.data.ids import content_digest
 from metaaligner.data.reformulate.holdout import HoldoutSplit
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metaaligner.data.column_digests import hash64
+from metaaligner.data.ids.columns import hash64
 from metaaligner.data.duplicates.candidate_ids import RowIds
 from metaaligner.data.duplicates.rule import ID_SCHEMA, KEY_SCHEMA, duplicated, losers, pair_digest
 from metaaligner.data.formats.canonical import validate_pair

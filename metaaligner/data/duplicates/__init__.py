@@ -12,7 +12,7 @@ retries.
 Three steps, each memory-bounded per node; the driver holds object references, not rows (only the early find
 reads up to `local_limit_bytes` of ids itself):
 1. **Find** (before the main pass), per work unit (data.io.units): every row's candidate pair ids as
-   (key, source, row) rows, key = a 64-bit hash of the id (data.column_digests.hash64). Canonical input reads
+   (key, source, row) rows, key = a 64-bit hash of the id (data.ids.columns.hash64). Canonical input reads
    only the `id` column, hh_rlhf_scores its texts and ids column-wise (the "hh-" content digests hashed in
    batches); other formats run their adapter. The rows whose key occurs more than once are kept: by one task
    when all key rows fit in `local_limit_bytes` (Parquet input of up to 64 files: read by the driver while Ray

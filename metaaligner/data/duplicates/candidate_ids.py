@@ -1,4 +1,4 @@
-"""The pair ids each raw row can give, as (key, source, row) rows for the find pass (key: column_digests.hash64 of
+"""The pair ids each raw row can give, as (key, source, row) rows for the find pass (key: data.ids.columns.hash64 of
 the id)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metaaligner.data.column_digests import hash64
+from metaaligner.data.ids.columns import hash64
 from metaaligner.data.contract import decode_record, is_utf8
 from metaaligner.data.duplicates.rule import ID_SCHEMA
 from metaaligner.data.formats.registry import FORMATS

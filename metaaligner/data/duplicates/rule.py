@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 ID, KEY, SOURCE, ROW, CANDIDATE, DIGEST, PART = "id", "key", "source", "row", "candidate", "digest", "part"
-# the find pass: a 64-bit hash of every candidate id (column_digests.hash64) and where its row is
+# the find pass: a 64-bit hash of every candidate id (data.ids.columns.hash64) and where its row is
 ID_SCHEMA = pa.schema([(KEY, pa.uint64()), (SOURCE, pa.int32()), (ROW, pa.int64())])
 # the resolve step: the exact id and content digest of every valid pair of the deferred rows
 KEY_SCHEMA = pa.schema([(KEY, pa.uint64()), (ID, pa.string()), (DIGEST, pa.binary(16)), (SOURCE, pa.int32()),

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metaaligner.data.column_digests import digests
+from metaaligner.data.ids.columns import digests
 from metaaligner.data.contract import ITEM_SCHEMA
 from metaaligner.objectives import SEPARATOR, ObjectiveSet
 from metaaligner.prompts import Template
@@ -33,7 +33,7 @@ def repeat_string(value: str, n: int) -> pa.StringArray:
 
 def digest_words(seed: int, ids: pa.Array, subset: str) -> np.ndarray:
     """(rows, 32) uint16: the words of blake2b-512(f"{seed}:{id}:{subset}"), as `algorithm._digest` hashes them
-    (the keys are built in Arrow and hashed over their buffer: column_digests)."""
+    (the keys are built in Arrow and hashed over their buffer: data.ids.columns)."""
     if not len(ids):
         return np.zeros((0, 32), dtype=np.uint16)
     keys = pc.binary_join_element_wise(pa.scalar(f"{seed}:"), ids, pa.scalar(f":{subset}"), "")

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metaaligner.data.column_digests import content_ids
+from metaaligner.data.ids.columns import content_ids
 from metaaligner.data.io.columns import as_text, combined
 from metaaligner.data.reformulate.column_algorithm import NONE, SYMBOL_CODES, PairColumns
 from metaaligner.objectives import ObjectiveSet
@@ -277,7 +277,7 @@ class CanonicalColumns:
 
 def hh_rlhf_ids(table: pa.Table, question: pa.Array, r1: pa.Array, r2: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """The `hh_rlhf_scores` adapter's ids, column-wise: the id column as text (strings, integers), else "hh-" + the
-    content digest of (prompt, chosen, rejected), hashed in batches (column_digests). `ok` is False where the
+    content digest of (prompt, chosen, rejected), hashed in batches (data.ids.columns). `ok` is False where the
     adapter must decide (floats, bools, nested values, invalid UTF-8, blank ids)."""
     n = table.num_rows
     given = combined(table.column("id")) if "id" in table.column_names else pa.nulls(n, pa.string())

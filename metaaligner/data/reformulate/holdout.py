@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metaaligner.data.column_digests import digests
+from metaaligner.data.ids.columns import digests
 
 
 class HoldoutSplit:

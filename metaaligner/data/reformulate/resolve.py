@@ -21,7 +21,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from metaaligner.data.column_digests import digests, hash64, json_strings
+from metaaligner.data.ids.columns import digests, hash64, json_strings
 from metaaligner.data.duplicates.passes import LOCAL_LIMIT_BYTES, Positions, combine_by_key
 from metaaligner.data.duplicates.rule import CANDIDATE, KEY_SCHEMA, ROW, losers, pair_digest
 from metaaligner.data.io.columns import python_rows
@@ -85,7 +85,7 @@ class PairKeys:
 
     def _columns(self, pairs, source: int, positions: np.ndarray) -> pa.Table:
         """Keys of valid pairs: the JSON document pair_digest hashes, joined column-wise (json_strings) and hashed
-        in one pass (column_digests.digests); rows holding rare control characters are dumped by Python."""
+        in one pass (ids.columns.digests); rows holding rare control characters are dumped by Python."""
         n = len(pairs.ids)
         symbols = pairs.symbols[:, self.order].astype(np.int64)
         codes = (symbols * (4 ** np.arange(symbols.shape[1]))).sum(axis=1)
