@@ -77,16 +77,21 @@ def synthetic_table(start: int, n: int, rng: random.Random, pool: list[str], nam
     return pa.table({"id": ids, "question": qs, "response_1": r1s, "response_2": r2s, "preferences": prefs})
 
 
-def generate(uri: str, pairs: int, files: int, st: Storage, duplicates: float = 0.0) -> None:
-    """`pairs` synthetic canonical pairs in `files` Parquet files; a share `duplicates` of them reuse the id of an
-    earlier pair (other content), spread over all files."""
+def _start_input(uri: str, pairs: int, files: int, st: Storage):
+    """The seeded generator, its text pool, the input folder (created when local) and the rows per file."""
     rng = random.Random(0)
     pool = [" ".join(rng.choice(WORDS) for _ in range(80)) for _ in range(20000)]
-    names = load_objective_set("ultrafeedback").names
     fs, path = st.filesystem(uri)
     if not storage.is_s3(uri):
         os.makedirs(path, exist_ok=True)
-    per_file = -(-pairs // files)
+    return rng, pool, fs, path, -(-pairs // files)
+
+
+def generate(uri: str, pairs: int, files: int, st: Storage, duplicates: float = 0.0) -> None:
+    """`pairs` synthetic canonical pairs in `files` Parquet files; a share `duplicates` of them reuse the id of an
+    earlier pair (other content), spread over all files."""
+    rng, pool, fs, path, per_file = _start_input(uri, pairs, files, st)
+    names = load_objective_set("ultrafeedback").names
     for k in range(files):
         n = min(per_file, pairs - k * per_file)
         with pq.ParquetWriter(f"{path}/part-{k:04d}.parquet", synthetic_table(0, 1, rng, pool, names).schema,
@@ -122,12 +127,7 @@ def hh_table(start: int, n: int, rng: random.Random, pool: list[str], duplicates
 
 
 def generate_hh(uri: str, pairs: int, files: int, st: Storage, duplicates: float = 0.0) -> None:
-    rng = random.Random(0)
-    pool = [" ".join(rng.choice(WORDS) for _ in range(80)) for _ in range(20000)]
-    fs, path = st.filesystem(uri)
-    if not storage.is_s3(uri):
-        os.makedirs(path, exist_ok=True)
-    per_file = -(-pairs // files)
+    rng, pool, fs, path, per_file = _start_input(uri, pairs, files, st)
     for k in range(files):
         n = min(per_file, pairs - k * per_file)
         first = hh_table(0, 1, rng, pool, 0.0)
