@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metaaligner.data.ids.columns import hash64
 from metaaligner.data.duplicates.candidate_ids import RowIds
-from metaaligner.data.duplicates.rule import ID_SCHEMA, KEY_SCHEMA, deferred_rows, duplicated, losers, pair_digest
+from metaaligner.data.duplicates.rule import ID_SCHEMA, KEY_SCHEMA, duplicated, losers, pair_digest
 from metaaligner.data.formats.canonical import validate_pair
 from metaaligner.objectives import load_objective_set
 
@@ -18,23 +19,23 @@ UF = load_objective_set("ultrafeedback")
 
 def id_rows(rows):
     ids, sources, positions = zip(*rows)
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(sources, pa.int32()),
-                                 pa.array(positions, pa.int64())], schema=ID_SCHEMA)
+    return pa.Table.from_arrays([pa.array(hash64(pa.array(ids, pa.string())), pa.uint64()),
+                                 pa.array(sources, pa.int32()), pa.array(positions, pa.int64())], schema=ID_SCHEMA)
 
 
-def test_duplicated_keeps_every_copy_of_a_repeated_id():
-    table = id_rows([("a", 0, 0), ("b", 0, 1), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1)])
+def test_duplicated_keeps_every_copy_of_a_repeated_id_once_in_position_order():
+    table = id_rows([("a", 0, 0), ("b", 0, 1), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1), ("c", 2, 1)])
     dup = duplicated(table)
-    assert sorted(zip(dup.column("id").to_pylist(), dup.column("source").to_pylist(), dup.column("row").to_pylist())) \
-        == [("a", 0, 0), ("a", 1, 5), ("c", 1, 6), ("c", 2, 0), ("c", 2, 1)]
-    deferred = deferred_rows(dup)
-    assert {k: v.tolist() for k, v in deferred.items()} == {0: [0], 1: [5, 6], 2: [0, 1]}
+    assert list(zip(dup.column("source").to_pylist(), dup.column("row").to_pylist())) \
+        == [(0, 0), (1, 5), (1, 6), (2, 0), (2, 1)]
     assert duplicated(id_rows([("x", 0, 0)])).num_rows == 0
+    assert duplicated(id_rows([("x", 0, 0), ("y", 0, 1)])).num_rows == 0
 
 
 def keys(rows):
     ids, digests, sources, positions, candidates = zip(*rows)
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(digests, pa.binary(16)),
+    return pa.Table.from_arrays([pa.array(hash64(pa.array(ids, pa.string())), pa.uint64()),
+                                 pa.array(ids, pa.string()), pa.array(digests, pa.binary(16)),
                                  pa.array(sources, pa.int32()), pa.array(positions, pa.int64()),
                                  pa.array(candidates, pa.int32())], schema=KEY_SCHEMA)
 
@@ -67,22 +68,49 @@ def test_winner_is_the_smallest_digest_whatever_the_order_and_split():
     assert set(expected) == {r[2:] for r in rows} - winners
 
 
+def found(table):
+    """(id hash, source, row) rows as sorted tuples."""
+    return sorted(zip(table.column("key").to_pylist(), table.column("source").to_pylist(),
+                      table.column("row").to_pylist()))
+
+
+def hashed(rows):
+    return sorted((int(hash64(pa.array([i]))[0]), s, r) for i, s, r in rows)
+
+
 def test_row_ids_for_columnar_canonical_and_per_row_formats():
     table = pa.table({"id": ["a", None, "c"], "question": ["q"] * 3})
-    got = RowIds("canonical", UF)(table, 4, 100)
-    assert got.to_pylist() == [{"id": "a", "source": 4, "row": 100}, {"id": "c", "source": 4, "row": 102}]
+    got = RowIds("canonical", UF)(table, 4, np.array([100, 101, 102]))
+    assert found(got) == hashed([("a", 4, 100), ("c", 4, 102)])
     lines = [json.dumps({"id": "x", "question": "q"}).encode(), b"{broken", json.dumps({"id": 3}).encode()]
-    assert RowIds("canonical", UF)(lines, 1, 0).to_pylist() == [{"id": "x", "source": 1, "row": 0}]
+    assert found(RowIds("canonical", UF)(lines, 1, np.arange(3))) == hashed([("x", 1, 0)])
     keys_ = ("instruction_following", "honesty", "truthfulness", "helpfulness")
     comp = lambda text: {"response": text, "annotations": {k: {"Rating": "3"} for k in keys_}}
     uf = [json.dumps({"instruction": "Q", "completions": [comp("a"), comp("b"), comp("c")]}).encode()]
-    got = RowIds("ultrafeedback", UF)(uf, 2, 7)
+    got = RowIds("ultrafeedback", UF)(uf, 2, np.array([7]))
     assert got.num_rows == 3 and set(got.column("row").to_pylist()) == {7}
 
 
 def test_row_ids_of_integer_ids_are_left_to_the_per_row_path():
-    got = RowIds("canonical", UF)(pa.table({"id": pa.array([1, 2], pa.int64())}), 0, 0)
+    got = RowIds("canonical", UF)(pa.table({"id": pa.array([1, 2], pa.int64())}), 0, np.arange(2))
     assert got.num_rows == 0  # canonical ids must be strings: such rows are quarantined, never duplicates
+
+
+def test_hh_row_ids_column_wise_are_the_adapters():
+    """hh_rlhf_scores: the column form gives the adapter's ids (the id column as text, else "hh-" + the content
+    digest) for every row the adapter gives one; odd ids and rows without texts are the adapter's to decide."""
+    hh = load_objective_set("hh_rlhf")
+    base = {"prompt": ["p1", "p2", "p3", None, "p5", "p6"], "chosen_response": ["a", "b", "c", "d", "e", "f"],
+            "rejected_response": ["x", "y", "z", "w", "v", " "], "chosen_score1": [1.0] * 6,
+            "rejected_score1": [0.5] * 6}
+    ids = RowIds("hh_rlhf_scores", hh)
+    id_columns = [None, pa.array(["i1", None, "", "i4", " ", "i6"]), pa.array([1, 2, None, 4, 5, 6]),
+                  pa.array([1.5, None, 2.0, 1.0, 3.0, 4.0])]
+    for id_column in id_columns:
+        table = pa.table(base) if id_column is None else pa.table(base).append_column("id", id_column)
+        per_row = sorted((int(hash64(pa.array([i]))[0]), 0, r) for r, row in enumerate(table.to_pylist())
+                         for i in ids.row_ids(row))
+        assert found(ids(table, 0, np.arange(6))) == per_row and per_row
 
 
 def test_pair_digest_ignores_how_the_row_was_read():
@@ -117,7 +145,7 @@ def write_layout(rows, folder, files, kind, seed):
     for k in range(files):
         part = rows[k::files]
         if kind == "parquet":
-            pq.write_table(pa.Table.from_pylist(part), folder / f"part-{k}.parquet")
+            pq.write_table(pa.Table.from_pylist(part), folder / f"part-{k}.parquet", row_group_size=16)
         else:
             (folder / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 
@@ -132,16 +160,23 @@ def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, 
     from metaaligner.data.reformulate.job import run_reformulation
 
     rows = planted_rows()
-    layouts = [("one", 1, "parquet", 0), ("many", 5, "parquet", 1), ("jsonl", 3, "jsonl", 2)]
+    # files whole, files split into units (row groups, byte ranges), duplicates combined by one task or per hash
+    # partition (Ray Data's groupby; the two-node test runs it across nodes)
+    layouts = [("one", 1, "parquet", 0, {}), ("many", 5, "parquet", 1, {}), ("jsonl", 3, "jsonl", 2, {}),
+               ("split", 2, "parquet", 3, {"unit_mb": 0.01, "duplicate_check_local_mb": 0}),
+               ("jsonl-split", 2, "jsonl", 4, {"unit_mb": 0.02})]
     outputs = []
-    for name, files, kind, seed in layouts:  # (the partitioned shuffle is exercised by the two-node test)
+    for name, files, kind, seed, settings in layouts:
         write_layout(rows, tmp_path / name, files, kind, seed)
         cfg = ReformulateConfig(input=str(tmp_path / name), output=str(tmp_path / f"out-{name}"),
-                                objectives="synthetic", batch_size=64)
+                                objectives="synthetic", batch_size=64, **settings)
         summary = run_reformulation(cfg, storage)
         assert summary["duplicates"] == len(rows) - 300 and summary["valid_pairs"] == 300
+        assert summary["duplicate_check"]["losers"] == summary["duplicates"]
+        if settings:
+            assert summary["work_units"] > files
         outputs.append(kept_items(tmp_path / f"out-{name}"))
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert all(out == outputs[0] for out in outputs)
 
     # the kept copy of every duplicated id is the one with the smallest content digest
     best = {}
@@ -152,3 +187,54 @@ def test_duplicate_winners_do_not_depend_on_layout_order_or_format(ray_cluster, 
     for pair_id, (_, pair) in best.items():
         item = targets[pair_id]
         assert {item["weak_answer"], item["target"]} == {pair.response_1, pair.response_2}
+
+
+def test_hh_scores_without_ids_keep_one_pair_per_content_whatever_the_split(ray_cluster, tmp_path, storage):
+    """hh_rlhf_scores as `score` writes it (no id column): a pair's id is its content digest, so rows repeating a
+    prompt/chosen/rejected triple are duplicates; one wins whether files are read whole or by row groups."""
+    from test_reformulate_vectorized import scored_table
+
+    from metaaligner.config import ReformulateConfig
+    from metaaligner.data.reformulate.job import run_reformulation
+
+    table = scored_table(random.Random(9), 1200, duplicates=0.2)
+    distinct = len({(r["prompt"], r["chosen_response"], r["rejected_response"]) for r in table.to_pylist()})
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        pq.write_table(table.slice(600 * k, 600), tmp_path / "in" / f"part-{k}.parquet", row_group_size=50)
+    outputs = []
+    for name, settings in (("whole", {}), ("split", {"unit_mb": 0.02})):
+        cfg = ReformulateConfig(input=str(tmp_path / "in"), output=str(tmp_path / name), format="hh_rlhf_scores",
+                                objectives="hh_rlhf", template="hh_rlhf", batch_size=100, **settings)
+        summary = run_reformulation(cfg, storage)
+        assert summary["valid_pairs"] == distinct and summary["duplicates"] == 1200 - distinct > 150
+        assert summary["column_path_rows"] >= 1200 - summary["duplicate_check"]["rows_deferred"]
+        outputs.append(kept_items(tmp_path / name))
+    assert outputs[0] == outputs[1]
+
+
+def test_positions_stay_in_the_object_store_and_each_unit_gets_its_slice(ray_cluster):
+    """Deferred rows / losing pairs cross the driver only as object references (the pickle does not grow with
+    their number); a task gathers its unit's rows from every partition's table, sorted."""
+    import pickle
+
+    import ray
+
+    from metaaligner.data.duplicates.passes import Positions
+    from metaaligner.data.duplicates.rule import LOST_SCHEMA, by_position
+    from metaaligner.data.io.units import WorkUnit
+
+    rng = np.random.default_rng(0)
+    source, row = rng.integers(0, 3, 200_000).astype(np.int32), rng.integers(0, 10_000, 200_000)
+    table = pa.table({"source": source, "row": row, "candidate": np.zeros(200_000, np.int32)}, schema=LOST_SCHEMA)
+    halves = [by_position(table.slice(0, 100_000)), by_position(table.slice(100_000))]  # two hash partitions
+    positions = Positions(tuple(ray.put(t) for t in halves), table.num_rows)
+    assert len(pickle.dumps(positions)) < 2_000
+
+    unit = WorkUnit(1, row_groups=(2, 3), first_row=2_000, rows=3_000)  # rows [2000, 5000) of source 1
+    got = positions.within(unit)
+    mask = (source == 1) & (row >= 2_000) & (row < 5_000)
+    assert got.num_rows == int(mask.sum())
+    assert got.equals(by_position(table.filter(pa.array(mask))))
+    assert positions.within(WorkUnit(0)).num_rows == int((source == 0).sum())
+    assert positions.within(WorkUnit(7)) is None

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from metaaligner.data import contract
+from metaaligner.data.ids import content_digest
 from metaaligner.data.io.columns import python_rows, row_bytes
 from metaaligner.data.reformulate.algorithm import _digest, seeded_shuffle
 from metaaligner.data.reformulate.batch import VectorReformulator
@@ -49,6 +50,13 @@ def assert_same(table: pa.Table, fmt: str, objectives, template=None, min_vector
     template = template or get_template("paper")
     expected = oracle(table, fmt, objectives, template, **kw)
     got = vectorised(table, fmt, objectives, template, **kw)
+    assert_outputs(got, expected)
+    assert got.vector_rows >= min_vector_share * table.num_rows
+    return got
+
+
+def assert_outputs(got, expected):
+    """The column path's output (BatchOutput) is the per-row path's (BatchResult): items, records, counters."""
     for kind, columns in expected.items.items():
         want = sorted(map(json.dumps, rows_of(columns)))
         have = sorted(json.dumps(r) for t in got.tables[kind] for r in t.to_pylist())
@@ -56,8 +64,6 @@ def assert_same(table: pa.Table, fmt: str, objectives, template=None, min_vector
     quarantine = sorted(json.dumps(q, sort_keys=True) for q in expected.quarantine)
     assert sorted(json.dumps(q, sort_keys=True) for t in got.tables["_quarantine"] for q in t.to_pylist()) == quarantine
     assert +got.counts == +expected.counts
-    assert got.vector_rows >= min_vector_share * table.num_rows
-    return got
 
 
 def random_preferences(rng, names, junk=0.0):
@@ -246,11 +252,121 @@ def test_hh_rlhf_scores(with_ids, as_csv):
                 min_vector_share=0.2)
 
 
-def test_held_out_rows_take_the_per_row_path():
+def scored_table(rng, n, duplicates=0):
+    """hh_rlhf_scores as `metaaligner score` writes it: text columns, float64 z-scores of rewards rounded to 0.1
+    (equal rewards give equal z-scores: ties), no id column; `duplicates` rows repeat an earlier row's texts."""
+    columns = {"prompt": [], "chosen_response": [], "rejected_response": []}
+    for i in range(n):
+        j = rng.randrange(i) if i and rng.random() < duplicates else i
+        columns["prompt"].append(f"\n\nHuman: {TEXTS[j % len(TEXTS)]} {j}\n\nAssistant:")
+        columns["chosen_response"].append(f" chosen {j} {TEXTS[(j * 7) % len(TEXTS)]}")
+        columns["rejected_response"].append(f" rejected {j}")
+    raw = np.round(np.array([[rng.gauss(0, 1) for _ in range(2 * n)] for _ in range(3)]), 1)
+    z = (raw - raw.mean(axis=1, keepdims=True)) / raw.std(axis=1, keepdims=True)
+    for k in range(3):
+        columns[f"chosen_score{k + 1}"] = pa.array(z[k, :n], pa.float64())
+        columns[f"rejected_score{k + 1}"] = pa.array(z[k, n:], pa.float64())
+    return pa.table(columns)
+
+
+def test_hh_rlhf_scores_as_score_writes_it_ids_included():
+    """The paper's path: every clean row takes the column path, and the pair ids are the adapter's own
+    ("hh-" + content digest), hashed in batches."""
+    table = scored_table(random.Random(4), 600)
+    got = assert_same(table, "hh_rlhf_scores", HH, get_template("hh_rlhf"), decimals=None, min_vector_share=1.0)
+    pair_ids = {r["pair_id"] for t in got.tables["contrastive"] + got.tables["equal"] for r in t.to_pylist()}
+    expected = {"hh-" + content_digest(r["prompt"], r["chosen_response"], r["rejected_response"])
+                for r in table.to_pylist()}
+    assert pair_ids == expected and got.counts["items.equal"] > 0  # z-scores of equal rewards tie
+
+
+@pytest.mark.parametrize("ids", ["integers", "strings with blanks", "floats", "mixed nulls"])
+def test_hh_rlhf_scores_id_columns(ids):
+    rng = random.Random(ids)
+    table = scored_table(rng, 200)
+    n = table.num_rows
+    column = {"integers": pa.array(range(n), pa.int64()),
+              "strings with blanks": pa.array([rng.choice(["", " ", f"s{i}", f"s{i}"]) for i in range(n)]),
+              "floats": pa.array([float(i) if i % 3 else None for i in range(n)], pa.float64()),
+              "mixed nulls": pa.array([f"m{i}" if i % 4 else None for i in range(n)])}[ids]
+    got = assert_same(table.append_column("id", column), "hh_rlhf_scores", HH, get_template("hh_rlhf"),
+                      decimals=None, min_vector_share=0.2)
+    assert got.counts["rows_read"] == n
+
+
+def test_hh_rlhf_scores_invalid_utf8_and_missing_scores_fall_back_per_row():
+    table = scored_table(random.Random(8), 50)
+    prompts = pa.array([b"\xff bad" if i == 3 else p.encode() for i, p in enumerate(table.column("prompt").to_pylist())],
+                       pa.binary())
+    table = table.set_column(0, "prompt", prompts).drop_columns(["chosen_score2", "rejected_score3"])
+    got = assert_same(table, "hh_rlhf_scores", HH, get_template("hh_rlhf"), decimals=None)
+    assert got.counts["quarantined.invalid_utf8"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["canonical", "hh_rlhf_scores"])
+def test_held_out_rows_are_evaluation_rows_column_wise(fmt):
     rng = random.Random(3)
-    table = canonical_table(rng, 400, UF, junk=0.05)
-    got = assert_same(table, "canonical", UF, split=HoldoutSplit(0.3, 9), min_vector_share=0.4)
+    if fmt == "canonical":
+        table, objectives, template, decimals = canonical_table(rng, 400, UF, junk=0.05), UF, "paper", 1
+    else:
+        table, objectives, template, decimals = scored_table(rng, 400), HH, "hh_rlhf", None
+    got = assert_same(table, fmt, objectives, get_template(template), decimals=decimals, split=HoldoutSplit(0.3, 9),
+                      min_vector_share=0.5 if fmt == "canonical" else 1.0)
     assert got.counts["test_rows"] > 50
+
+
+def test_released_fastchat_rows_match_too():
+    from metaaligner.data.formats.canonical import validate_pair
+    from metaaligner.data.reformulate.algorithm import reformulate_pair
+    from metaaligner.synthetic import make_pair
+
+    syn, template = load_objective_set("synthetic"), get_template("paper")
+    rng = random.Random(2)
+    items = [i for n in range(20) for i in reformulate_pair(validate_pair(make_pair(f"f{n}", rng), syn, None), syn,
+                                                            template, 1)]
+    turns = lambda i: [{"from": "human", "value": i["prompt"]}, {"from": "gpt", "value": i["target"]}]
+    rows = [json.dumps({"id": n, "conversations": turns(i)}).encode() for n, i in enumerate(items)]
+    rows += [b"{}", b"not json", json.dumps({"conversations": turns(items[0])[:1]}).encode()]
+    expected = Reformulator("fastchat", syn, template, 1, 1, HoldoutSplit(0.0, 0), AllOwners())(rows, "f", "")
+    got = VectorReformulator("fastchat", syn, template, 1, 1, HoldoutSplit(0.0, 0))(rows, "f")
+    assert +got.counts == +expected.counts and got.counts["items.contrastive"] + got.counts["items.equal"] > 0
+    for kind, columns in expected.items.items():
+        assert sorted(json.dumps(r) for t in got.tables[kind] for r in t.to_pylist()) == \
+            sorted(map(json.dumps, rows_of(columns)))
+
+
+EQUIVALENCE_TESTS = {"canonical": test_junk_json_preferences, "hh_rlhf_scores": test_hh_rlhf_scores_id_columns,
+                     "ultrafeedback": "test_formats_without_a_column_form_match_too",
+                     "fastchat": test_released_fastchat_rows_match_too}
+
+
+def test_every_format_has_an_equivalence_test():
+    from metaaligner.data.formats.registry import FORMATS
+
+    assert set(EQUIVALENCE_TESTS) == set(FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ["canonical", "hh_rlhf_scores"])
+def test_resolve_keys_column_wise_are_the_per_row_keys(fmt):
+    """The resolve step's (id, digest) keys of deferred rows: the column form gives rule.pair_digest's digests."""
+    from metaaligner.data.reformulate.resolve import PairKeys
+
+    rng = random.Random(fmt)
+    if fmt == "canonical":
+        table, objectives, decimals = canonical_table(rng, 300, UF, junk=0.3), UF, 1
+    else:
+        table, objectives, decimals = hh_table(rng, 300, True, False), HH, None
+    field = "question" if fmt == "canonical" else "prompt"
+    texts = table.column(field).to_pylist()
+    texts[1] = "a control character \x01 json writes as \\u0001"
+    table = table.set_column(table.column_names.index(field), field, pa.array(texts, table.schema.field(field).type))
+    reformulator = VectorReformulator(fmt, objectives, get_template("paper"), 7, decimals, HoldoutSplit(0.0, 0))
+    keys = PairKeys(reformulator)
+    positions = np.arange(table.num_rows) * 3
+    column_wise = keys(table, 5, positions)
+    per_row = keys._per_row(python_rows(table), 5, positions)
+    rows = lambda t: sorted(zip(*(t.column(c).to_pylist() for c in t.column_names)))
+    assert rows(column_wise) == rows(per_row) and column_wise.num_rows > 100
 
 
 def test_deferred_rows_are_left_out():
@@ -357,3 +473,35 @@ def test_rows_over_max_row_bytes_are_quarantined_on_every_path():
     expected = Reformulator("canonical", UF, template, 7, 1, HoldoutSplit(0.0, 0), AllOwners(), limit)(lines, "f", "")
     got = VectorReformulator("canonical", UF, template, 7, 1, HoldoutSplit(0.0, 0), limit)(lines, "f")
     assert +got.counts == +expected.counts and got.counts["quarantined.row_too_large"] == 1
+def uf_lines(rng, n):
+    keys = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+    comp = lambda text: {"response": text, "annotations": {k: {"Rating": rng.choice("12345")} for k in keys}}
+    return [json.dumps({"instruction": f"Q{i % 7}", "completions": [comp(f"a{i}"), comp(f"b{i % 3}"), comp("c")]})
+            .encode() for i in range(n)] + [b"{bad"]
+
+
+@pytest.mark.parametrize("fmt", ["canonical", "hh_rlhf_scores", "ultrafeedback"])
+def test_replayed_batches_are_the_per_row_path_with_the_decided_owners(fmt):
+    """The resolve step's replay of one batch (column path, straight quarantine of losing rows, per-row fallback)
+    gives what the per-row path gives with the same owners."""
+    from metaaligner.data.reformulate.owners import PositionOwners
+    from metaaligner.data.reformulate.resolve import replay_batch
+
+    rng = random.Random(fmt)
+    objectives, decimals, template = UF, 1, get_template("paper")
+    if fmt == "canonical":
+        raw = canonical_table(rng, 400, UF, junk=0.2)
+    elif fmt == "hh_rlhf_scores":
+        raw, objectives, decimals = hh_table(rng, 400, True, rng.random() < 0.5), HH, None
+    else:
+        raw = uf_lines(rng, 60)
+    n = raw.num_rows if isinstance(raw, pa.Table) else len(raw)
+    lost = sorted({(r, rng.randrange(3) if fmt == "ultrafeedback" else 0) for r in rng.sample(range(n), n // 3)})
+    rows = python_rows(raw) if isinstance(raw, pa.Table) else raw
+    expected = Reformulator(fmt, objectives, template, 7, decimals, HoldoutSplit(0.2, 1), PositionOwners(set(lost)))(
+        rows, "src.parquet", "")
+    at, candidates = (np.array(c, dtype=np.int64) for c in zip(*lost))
+    reformulator = VectorReformulator(fmt, objectives, template, 7, decimals, HoldoutSplit(0.2, 1))
+    got = replay_batch(reformulator, raw, "src.parquet", at, candidates)
+    assert_outputs(got, expected)
+    assert expected.counts["quarantined.duplicate_id"] > 10

@@ -1,8 +1,8 @@
 """The fast path: one batch of input rows -> items, evaluation rows and quarantine records, column-wise where it can.
 
-Rows that pass the column checks (column_checks) go through Algorithm 1 on Arrow columns (column_algorithm);
-every other row -- a check failed, a held-out question, a format without a column form (UltraFeedback,
-FastChat, JSON lines) -- goes through the per-row oracle (`oracle.Reformulator`) unchanged, so its
+Rows that pass the column checks (column_checks) go through Algorithm 1 on Arrow columns (column_algorithm), or
+become evaluation rows when their question is held out; every other row -- a check failed, a format without a
+column form (UltraFeedback, FastChat, JSON lines) -- goes through the per-row oracle (`oracle.Reformulator`), so its
 quarantine reasons and counters are the per-row path's own. Rows named in `defer` are left out: the
 duplicate check (metaaligner.data.duplicates, then `resolve`) decides them after the main pass.
 """
@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from metaaligner.data.contract import (ITEM_SCHEMA, MAX_ROW_BYTES, QUARANTINE_SCHEMA, SUBSETS, TEST_SCHEMA,
                                        TEST_SUBSET)
 from metaaligner.data.io.columns import plain_table, python_rows, row_bytes
-from metaaligner.data.reformulate.column_algorithm import BETTER_1, BETTER_2, EQUAL, VectorAlgorithm
+from metaaligner.data.reformulate.column_algorithm import BETTER_1, BETTER_2, EQUAL, PairColumns, VectorAlgorithm
 from metaaligner.data.reformulate.column_checks import CanonicalColumns
 from metaaligner.data.reformulate.holdout import HoldoutSplit, QuestionOverlap
 from metaaligner.data.reformulate.oracle import BatchResult, Reformulator
@@ -86,14 +87,17 @@ class VectorReformulator:
             if mapped is not None:
                 pairs, ok = mapped
                 vector = ok & active & (row_bytes(batch) <= self.max_row_bytes)  # the per-row path quarantines
+                held = np.zeros(n, dtype=bool)
                 if self.split.active and vector.any():
                     rows = np.nonzero(vector)[0]
-                    held = self.split.held_out_many(pairs.question.take(pa.array(rows, pa.int64())))
-                    vector[rows[held]] = False  # evaluation rows come from the format's own test_rows
-                if vector.all():
+                    held[rows] = self.split.held_out_many(pairs.question.take(pa.array(rows, pa.int64())))
+                    if held.any():
+                        self._held_out(pairs.take(np.nonzero(held)[0]), out)
+                train = vector & ~held
+                if train.all():
                     self._columns(pairs, out)
-                elif vector.any():
-                    self._columns(pairs.take(np.nonzero(vector)[0]), out)
+                elif train.any():
+                    self._columns(pairs.take(np.nonzero(train)[0]), out)
         rest = np.nonzero(active & ~vector)[0]
         if len(rest):
             if isinstance(batch, pa.Table):
@@ -102,6 +106,31 @@ class VectorReformulator:
                 rows = [batch[i] for i in rest]
             out.add_rows(self.per_row(rows, source, ""))
         return out
+
+    def _held_out(self, pairs: PairColumns, out: BatchOutput) -> None:
+        """Evaluation rows of held-out valid pairs, as the format's `test_rows` makes them: hh_rlhf_scores: golden =
+        the chosen response; canonical: the response preferred on more objectives (none on a draw)."""
+        n = len(pairs.ids)
+        if self.columns.format == "hh_rlhf_scores":
+            net = np.ones(n, dtype=np.int64)
+        else:
+            net = (pairs.symbols == BETTER_1).sum(axis=1) - (pairs.symbols == BETTER_2).sum(axis=1)
+        rows = np.nonzero(net)[0]
+        first = pa.array(net[rows] > 0)
+        index = pa.array(rows, pa.int64())
+        r1, r2 = pairs.response_1.take(index), pairs.response_2.take(index)
+        other = pc.if_else(first, r2, r1)
+        candidates = pa.ListArray.from_arrays(pa.array(np.arange(len(rows) + 1, dtype=np.int32)), other)
+        table = pa.Table.from_arrays([pairs.ids.take(index), pairs.question.take(index), pc.if_else(first, r1, r2),
+                                      candidates], schema=TEST_SCHEMA)
+        if table.num_rows:
+            out.tables[TEST_SUBSET].append(table)
+        for key in ("rows_read", "rows_adapted", "pairs_total", "valid_pairs", "holdout_pairs"):
+            out.counts[key] += n
+        out.counts["test_rows"] += len(rows)
+        out.counts["holdout_no_golden"] += n - len(rows)
+        out.vector_rows += n
+        out.overlap.add_held(pairs.question)
 
     def _columns(self, pairs, out: BatchOutput) -> None:
         n = len(pairs.ids)

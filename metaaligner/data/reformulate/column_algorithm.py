@@ -8,13 +8,13 @@ included: the objectives of a group keep the set's order and are shuffled by the
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from metaaligner.data.ids.columns import digests
 from metaaligner.data.contract import ITEM_SCHEMA
 from metaaligner.objectives import SEPARATOR, ObjectiveSet
 from metaaligner.prompts import Template
@@ -33,13 +33,11 @@ def repeat_string(value: str, n: int) -> pa.StringArray:
 
 def digest_words(seed: int, ids: pa.Array, subset: str) -> np.ndarray:
     """(rows, 32) uint16: the words of blake2b-512(f"{seed}:{id}:{subset}"), as `algorithm._digest` hashes them
-    (the keys are built in Arrow; only the hash call is per row)."""
+    (the keys are built in Arrow and hashed over their buffer: data.ids.columns)."""
     if not len(ids):
         return np.zeros((0, 32), dtype=np.uint16)
-    keys = pc.binary_join_element_wise(pa.scalar(f"{seed}:"), ids, pa.scalar(f":{subset}"), "").cast(pa.binary())
-    blake2b = hashlib.blake2b
-    digests = b"".join([blake2b(key, digest_size=64).digest() for key in keys.to_pylist()])
-    return np.frombuffer(digests, dtype="<u2").reshape(len(ids), 32)
+    keys = pc.binary_join_element_wise(pa.scalar(f"{seed}:"), ids, pa.scalar(f":{subset}"), "")
+    return np.frombuffer(digests(keys, 64), dtype="<u2").reshape(len(ids), 32)
 
 
 def shuffled_positions(members: np.ndarray, words: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from metaaligner.data.ids import content_digest
+from metaaligner.data.ids.columns import content_ids
 from metaaligner.data.io.columns import as_text, combined
 from metaaligner.data.reformulate.column_algorithm import NONE, SYMBOL_CODES, PairColumns
 from metaaligner.objectives import ObjectiveSet
@@ -272,24 +272,30 @@ class CanonicalColumns:
 
     @staticmethod
     def _hh_ids(table: pa.Table, question, r1, r2) -> tuple[pa.Array, np.ndarray]:
-        """The adapter's ids: the id column as text (strings, integers), else "hh-" + a digest of the content."""
-        n = table.num_rows
-        given = combined(table.column("id")) if "id" in table.column_names else pa.nulls(n, pa.string())
-        ok = np.ones(n, dtype=bool)
-        if pa.types.is_integer(given.type):
-            given = pc.cast(given, pa.string())
-        elif not pa.types.is_null(given.type):
-            text = as_text(given)
-            if text is None:  # floats, bools, nested values, invalid UTF-8: the adapter decides those rows
-                ok = ~_mask(pc.is_valid(given))
-                text = pa.nulls(n, pa.string())
-            given = text
-        given = given.cast(pa.string())
-        missing = ~_mask(pc.is_valid(given))
-        rows = np.nonzero(missing)[0]
-        if len(rows):  # one blake2b per row without an id: the adapter's content digest
-            index = pa.array(rows, pa.int64())
-            digests = pa.array(["hh-" + content_digest(q, a, b) for q, a, b in zip(
-                question.take(index).to_pylist(), r1.take(index).to_pylist(), r2.take(index).to_pylist())], pa.string())
-            given = pc.replace_with_mask(given, pa.array(missing), digests)
-        return given, ok & nonblank(given)
+        return hh_rlhf_ids(table, question, r1, r2)
+
+
+def hh_rlhf_ids(table: pa.Table, question: pa.Array, r1: pa.Array, r2: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """The `hh_rlhf_scores` adapter's ids, column-wise: the id column as text (strings, integers), else "hh-" + the
+    content digest of (prompt, chosen, rejected), hashed in batches (data.ids.columns). `ok` is False where the
+    adapter must decide (floats, bools, nested values, invalid UTF-8, blank ids)."""
+    n = table.num_rows
+    given = combined(table.column("id")) if "id" in table.column_names else pa.nulls(n, pa.string())
+    ok = np.ones(n, dtype=bool)
+    if pa.types.is_integer(given.type):
+        given = pc.cast(given, pa.string())
+    elif not pa.types.is_null(given.type):
+        text = as_text(given)
+        if text is None:  # floats, bools, nested values, invalid UTF-8: the adapter decides those rows
+            ok = ~_mask(pc.is_valid(given))
+            text = pa.nulls(n, pa.string())
+        given = text
+    given = given.cast(pa.string())
+    missing = ~_mask(pc.is_valid(given))
+    if missing.all():
+        given = content_ids([question, r1, r2], "hh-")
+    elif missing.any():
+        index = pa.array(np.nonzero(missing)[0], pa.int64())
+        digests = content_ids([question.take(index), r1.take(index), r2.take(index)], "hh-")
+        given = pc.replace_with_mask(given, pa.array(missing), digests)
+    return given, ok & nonblank(given)

@@ -60,9 +60,13 @@ class ReformulateConfig(Section):
     include_test_files: bool = Field(False, description="read files named test.* / test_*.* and test/ folders too")
     batch_size: int = Field(8192, ge=1)
     concurrency: int | None = Field(None, ge=1, description="parallel transform tasks (None: Ray decides)")
+    unit_mb: float | None = Field(
+        None, gt=0, description="input bytes per work unit (task): larger Parquet files are split by row groups, "
+                                "larger .jsonl files by byte ranges; None: the input's size / (4 x CPUs), at least 32")
     duplicate_check_local_mb: int = Field(
-        64, ge=0, description="ids of Parquet input up to this size are checked for duplicates in the driver, "
-                              "larger ones per hash partition on the cluster (0: always partitioned)")
+        64, ge=0, description="id keys up to this size are checked for duplicates by one task (Parquet input of up "
+                              "to 64 files: in the driver while Ray starts), larger ones per hash partition on the "
+                              "cluster (0: always partitioned)")
 
     @field_validator("score_decimals", mode="before")
     @classmethod

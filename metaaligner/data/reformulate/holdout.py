@@ -20,6 +20,9 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from metaaligner.data.ids.columns import digests
 
 
 def question_key(question: str) -> int:
@@ -69,8 +72,11 @@ class HoldoutSplit:
         """held_out for a batch of questions, as a bool array."""
         if self.keys is not None:
             return np.isin(question_keys(questions), self.keys)
-        if isinstance(questions, (pa.Array, pa.ChunkedArray)):
-            questions = questions.to_pylist()
+        if not self._threshold or not len(questions):
+            return np.zeros(len(questions), dtype=bool)
+        if isinstance(questions, (pa.Array, pa.ChunkedArray)):  # the same hash, over the column's buffer
+            keys = pc.binary_join_element_wise(pa.scalar(f"{self.seed}\x00", questions.type), questions, "")
+            return np.frombuffer(digests(keys, 8), dtype="<u8") < np.uint64(self._threshold)
         return np.fromiter((self.held_out(q) for q in questions), dtype=bool, count=len(questions))
 
 

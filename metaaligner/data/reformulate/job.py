@@ -16,7 +16,8 @@ from metaaligner.data.contract import SUBSETS, EmptyOutput, TooManyBadRows, chec
 from metaaligner.data.duplicates.candidate_ids import RowIds
 from metaaligner.data.duplicates.passes import find, find_in_driver
 from metaaligner.data.io import discovery
-from metaaligner.data.io.sources import SOURCE_COLUMN, BadInputFile, Sources, index_dataset
+from metaaligner.data.io.sources import BadInputFile, Sources, index_dataset
+from metaaligner.data.io.units import UNIT, plan
 from metaaligner.data.reformulate.batch import VectorReformulator
 from metaaligner.data.reformulate.holdout import HoldoutSplit
 from metaaligner.data.reformulate.holdout_questions import build_split, describe
@@ -92,6 +93,19 @@ def bad_rows_report(summary: dict, examples: dict[str, dict], cfg: ReformulateCo
     return "\n".join(lines)
 
 
+def merge_bad_files(records: list[dict]) -> list[dict]:
+    """One record per unreadable file, in path order: a file read in several units may fail in more than one;
+    `rows_before_error` then sums the rows its failing units read before their errors (its other units' rows are
+    kept as well)."""
+    merged: dict[str, dict] = {}
+    for record in records:
+        if record["path"] in merged:
+            merged[record["path"]]["rows_before_error"] += record["rows_before_error"]
+        else:
+            merged[record["path"]] = dict(record)
+    return [merged[path] for path in sorted(merged)]
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The user-facing error inside Ray's wrappers: a bad input file as itself, else the innermost cause."""
     seen, current, innermost = set(), error, error
@@ -121,19 +135,24 @@ def _warm_worker() -> None:
 
 
 def _local_ray() -> None:
-    """Outside a cluster (no RAY_ADDRESS), start the local Ray without its dashboard (~1 s less on 2 cores) and
-    have each worker import the job's modules while the driver plans (~1.5 s less for a small input)."""
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False)
-        warm = ray.remote(num_cpus=1)(_warm_worker)
-        for _ in range(int(ray.cluster_resources().get("CPU", 1))):
-            warm.remote()
+    """Connect to the cluster (RAY_ADDRESS), or outside one start the local Ray without its dashboard (~1 s less on 2
+    cores) and have each worker import the job's modules while the driver plans (~1.5 s less for a small input)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # the cluster's (the plan asks it for its CPUs)
+        return
+    ray.init(include_dashboard=False)
+    warm = ray.remote(num_cpus=1)(_warm_worker)
+    for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+        warm.remote()
 
 
 def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig | None = None) -> dict:
     """Run Algorithm 1 over the whole input into a staging folder and commit it; returns the `_summary.json`.
 
-    Three passes (metaaligner.data.duplicates.rule): find the rows whose ids occur more than once, reformulate
+    The input is planned into work units (data.io.units: files, runs of Parquet row groups, byte ranges of JSON
+    lines). Three passes (metaaligner.data.duplicates): find the rows whose ids occur more than once, reformulate
     everything else (column path, per-row fallback) while setting those rows aside, then resolve them.
     A failed run (an error, too many bad rows) commits nothing: the previous output stays as it was and the
     error names the staging folder that holds this run's files (its quarantine sample included).
@@ -161,24 +180,33 @@ def run_reformulation(cfg: ReformulateConfig, storage: Storage | StorageConfig |
         timings = {"ray_ready_s": round(time.perf_counter() - started, 3)}
         reformulator = VectorReformulator(cfg.format, objectives, template, cfg.seed, cfg.tie_decimals, split,
                                           cfg.max_row_bytes)
-        deferred, check = early or find(sources, row_ids, cfg.batch_size, local_limit)
         mark = time.perf_counter()
-        sink = ReformulationSink(reformulator, output, sources, cfg.batch_size, cfg.on_bad_file, storage,
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        unit_bytes = int(cfg.unit_mb * 2**20) if cfg.unit_mb else None
+        units = plan(sources, cpus, unit_bytes, early.layouts if early else None)
+        timings["plan_s"] = round(time.perf_counter() - mark, 3)
+        if early is not None and early.stats is not None:
+            deferred, check = early.positions(), early.stats
+        else:
+            deferred, check = find(units, sources, row_ids, cfg.batch_size, local_limit)
+        mark = time.perf_counter()
+        sink = ReformulationSink(reformulator, output, sources, units, cfg.batch_size, cfg.on_bad_file, storage,
                                  deferred, scratch)
-        index_dataset(SOURCE_COLUMN, list(range(len(sources)))).write_datasink(sink, concurrency=cfg.concurrency)
+        index_dataset(UNIT, list(range(len(units)))).write_datasink(sink, concurrency=cfg.concurrency)
         result = sink.result
         timings["main_pass_s"] = round(time.perf_counter() - mark, 3)
         if result.scratch:
-            replayed, resolved = resolve(sorted(result.scratch), reformulator, output, sources, storage,
-                                         local_limit)
+            replayed, resolved = resolve(sorted(result.scratch), reformulator, output, sources, units, scratch,
+                                         storage, cfg.batch_size, local_limit)
             result.add(replayed)
             check.update(resolved)
     except Exception as e:  # noqa: BLE001 — any failure: keep the previous output, name the staging folder
         raise output.fail(_root_cause(e)) from e
 
+    result.bad_files = merge_bad_files(result.bad_files)
     files = len(sources) if sources.kind else None
     summary = {**summarize(result, time.perf_counter() - started, cfg, files, split), "run_id": output.run_id,
-               "duplicate_check": check, "column_path_rows": result.column_rows,
+               "duplicate_check": check, "column_path_rows": result.column_rows, "work_units": len(units),
                "worker_nodes": len(result.nodes), "timings": timings}
     if summary["bad_fraction"] is not None and summary["bad_fraction"] > cfg.max_bad_fraction:
         storage.write_json(output.path("_summary.json"), {**summary, "committed": False})

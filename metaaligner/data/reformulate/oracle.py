@@ -35,7 +35,6 @@ from metaaligner.data.formats.canonical import Pair, validate_pair
 from metaaligner.data.formats.registry import FORMATS
 from metaaligner.data.reformulate.algorithm import reformulate_pair
 from metaaligner.data.reformulate.holdout import HoldoutSplit
-from metaaligner.data.reformulate.owners import occurrence_keys
 from metaaligner.objectives import ObjectiveSet
 from metaaligner.prompts import Template
 
@@ -84,7 +83,7 @@ def _error_detail(e: BaseException) -> str:
 class Reformulator:
     """Applies adapter, validation, held-out split, duplicate-id check and Algorithm 1 to batches of rows.
 
-    `registry` answers `claim(id_hashes, occurrence_keys) -> [owner?]` (see metaaligner.data.reformulate.owners): the job
+    `registry` answers `claim(ids, slots, occurrence) -> [owner?]` (see metaaligner.data.reformulate.owners): the job
     decides duplicates beforehand with the partitioned check and passes AllOwners or PositionOwners;
     LocalIdRegistry keeps first-come ownership in one process.
     """
@@ -193,25 +192,35 @@ class Reformulator:
             _append(out.items[TEST_SUBSET], test_row)
         out.counts["test_rows"] += len(rows)
 
+    def lose_rows(self, rows: list, source: str) -> BatchResult:
+        """Rows whose one pair is known valid (the column checks passed) and lost its id: the records and counters
+        adapt_row + emit_row give them, without validating the pair again."""
+        out = BatchResult()
+        for raw in rows:
+            candidate = self.format.adapt(decode_record(raw), self.objectives, out.counts)[0]
+            for key in ("rows_read", "rows_adapted", "pairs_total", "pairs_quarantined"):
+                out.counts[key] += 1
+            self._quarantine(out, DUPLICATE_ID, f"id {candidate['id']!r} was already used by another pair", candidate,
+                             source)
+        return out
+
     # -- per batch ----------------------------------------------------------------------------------------------
     def __call__(self, rows: list, source: str = "", position: str = "") -> BatchResult:
         """One batch of raw rows from one source (file path, or "" for in-memory datasets). `position` (e.g. the
         batch's first row in its file) tells a retried batch, which keeps its ids, from a duplicate elsewhere."""
         out = BatchResult()
-        adapted = [r for r in (self.adapt_row(raw, source, out) for raw in rows) if r is not None]
-        ids = [pair_id(p) for r in adapted for p, _ in r.valid]
-        owners = iter(self._claim(ids, f"{source}@{position}") if ids else [])
+        adapted = [(i, r) for i, r in enumerate(self.adapt_row(raw, source, out) for raw in rows) if r is not None]
+        ids = [pair_id(p) for _, r in adapted for p, _ in r.valid]
+        slots = [(i, k) for i, r in adapted for k in range(len(r.valid))]
+        owners = iter(self.registry.claim(ids, slots, f"{source}@{position}") if ids else [])
         per_objective: Counter = Counter()  # (subset, objective) -> items
-        for row in adapted:
+        for _, row in adapted:
             self.emit_row(row, [next(owners) for _ in row.valid], out, per_objective)
         for subset in SUBSETS:
             out.counts[f"items.{subset}"] += len(out.items[subset]["id"])
         for (subset, name), n in per_objective.items():
             out.counts[f"objective.{subset}.{name}"] += n
         return out
-
-    def _claim(self, ids: list[str], source: str) -> list[bool]:
-        return self.registry.claim(*occurrence_keys(ids, [source] * len(ids)))
 
 
 def pair_id(pair: Pair | dict) -> str:

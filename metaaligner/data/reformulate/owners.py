@@ -2,8 +2,12 @@
 
 The job itself decides duplicates with the partitioned check (metaaligner.data.duplicates, then `resolve`) before any row
 is emitted, so its per-row calls use `AllOwners` (ids known to be unique) or `PositionOwners` (the resolve
-step's decisions). `LocalIdRegistry` keeps first-come ownership within one process, for using the per-row
-path on its own (tests, tools).
+step's decisions for one batch). `LocalIdRegistry` keeps first-come ownership within one process, for using the
+per-row path on its own (tests, tools).
+
+Protocol: `claim(ids, slots, occurrence) -> [owner?]`, one answer per valid pair of a batch; `slots[i]` is
+(row index in the batch, candidate index within the row) of `ids[i]`, and `occurrence` names the batch (source and
+position: a retried batch has the same one).
 """
 
 from __future__ import annotations
@@ -31,25 +35,25 @@ class LocalIdRegistry:
     def __init__(self):
         self.first: dict[int, int] = {}
 
-    def claim(self, id_hashes: list[int], keys: list[int]) -> list[bool]:
+    def claim(self, ids: list[str], slots: list[tuple[int, int]], occurrence: str) -> list[bool]:
         """True where this occurrence owns the id (first seen, or the same occurrence again)."""
         first = self.first
+        id_hashes, keys = occurrence_keys(ids, [occurrence] * len(ids))
         return [first.setdefault(h, k) == k for h, k in zip(id_hashes, keys)]
 
 
 class AllOwners:
     """For rows whose ids the duplicate check found unique in the whole input: every claim is granted."""
 
-    def claim(self, id_hashes: list, keys: list) -> list[bool]:
-        return [True] * len(id_hashes)
+    def claim(self, ids: list[str], slots: list[tuple[int, int]], occurrence: str) -> list[bool]:
+        return [True] * len(ids)
 
 
 class PositionOwners:
-    """For replaying one deferred row at a time: its k-th valid pair owns its id unless (source, row, k) lost."""
+    """For replaying one batch of deferred rows: a pair owns its id unless its (row in batch, candidate) lost."""
 
-    def __init__(self, lost: set[tuple[int, int, int]]):
-        self.lost, self.position = lost, (0, 0)
+    def __init__(self, lost: set[tuple[int, int]]):
+        self.lost = lost
 
-    def claim(self, id_hashes: list, keys: list) -> list[bool]:
-        source, row = self.position
-        return [(source, row, k) not in self.lost for k in range(len(id_hashes))]
+    def claim(self, ids: list[str], slots: list[tuple[int, int]], occurrence: str) -> list[bool]:
+        return [slot not in self.lost for slot in slots]

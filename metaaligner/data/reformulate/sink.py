@@ -1,11 +1,11 @@
 """A Ray Data sink that reads, reformulates and writes in the same task (no extra copies of the data).
 
-Each block names sources by index (input files, or blocks of an in-memory dataset: no per-row path strings
-travel). A task reads its sources in Arrow batches, runs the column path with per-row fallback
-(batch), and writes `contrastive/`, `equal/`, `test/` and `_quarantine/` Parquet parts with large row
-groups (io.parquet_writer) into the run's staging folder. Rows the duplicate check defers go to a scratch file
-for the resolve step. On an error every file of the task is aborted, never closed half-written; the commit
-happens in the driver once every task has succeeded.
+Each block names work units by index (io.units: a file, a run of its Parquet row groups, a byte range of JSON
+lines, or a block of an in-memory dataset; no per-row path strings travel). A task reads its units in Arrow
+batches, runs the column path with per-row fallback (batch), and writes `contrastive/`, `equal/`, `test/` and
+`_quarantine/` Parquet parts with large row groups (io.parquet_writer) into the run's staging folder. Rows the
+duplicate check defers go to a scratch file per unit for the resolve step. On an error every file of the task is
+aborted, never closed half-written; the commit happens in the driver once every task has succeeded.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from ray.data.block import BlockAccessor
 
 from metaaligner.storage import Storage
 from metaaligner.data.io.parquet_writer import RowGroupWriter
-from metaaligner.data.io.sources import SOURCE_COLUMN, BadInputFile, Sources
+from metaaligner.data.duplicates.passes import Positions
+from metaaligner.data.duplicates.rule import ROW
+from metaaligner.data.io.sources import BadInputFile, Sources
+from metaaligner.data.io.units import UNIT, WorkUnit, unit_batches
 from metaaligner.data.reformulate.batch import SCHEMAS, BatchOutput, VectorReformulator
 from metaaligner.data.reformulate.holdout import QuestionOverlap
 from metaaligner.outputs import StagedOutput, open_output_stream
@@ -36,7 +39,7 @@ class TaskResult:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, dict] = field(default_factory=dict)  # first quarantine record per reason
     bad_files: list[dict] = field(default_factory=list)
-    scratch: list[str] = field(default_factory=list)  # files of deferred rows
+    scratch: list[int] = field(default_factory=list)  # work units with deferred rows (one scratch file each)
     column_rows: int = 0  # rows that took the column path
     nodes: set[str] = field(default_factory=set)  # Ray nodes that ran the tasks
     overlap: QuestionOverlap = field(default_factory=QuestionOverlap)  # trained and held-out questions
@@ -97,55 +100,60 @@ class PartFiles:
         return self.stack.__exit__(exc_type, exc, tb)
 
 
-def scratch_uri(scratch: str, source: int) -> str:
-    return f"{scratch.rstrip('/')}/rows-{source:06d}.parquet"
+def scratch_uri(scratch: str, unit: int) -> str:
+    return f"{scratch.rstrip('/')}/rows-{unit:06d}.parquet"
 
 
-def deferred_table(batch, rows: np.ndarray, source: int, first_row: int) -> pa.Table:
-    """The deferred rows of a batch as read, with their position."""
+def deferred_table(batch, rows: np.ndarray, source: int, positions: np.ndarray) -> pa.Table:
+    """The deferred rows of a batch as read, with their source and position."""
     index = pa.array(rows, pa.int64())
     if isinstance(batch, pa.Table):
         table = batch.take(index)
     else:
         table = pa.table({SCRATCH_LINE: pa.array([batch[r] for r in rows], pa.binary())})
     table = table.append_column(SCRATCH_SOURCE, pa.array(np.full(len(rows), source, dtype=np.int32)))
-    return table.append_column(SCRATCH_ROW, pa.array(rows.astype(np.int64) + first_row))
+    return table.append_column(SCRATCH_ROW, pa.array(positions[rows].astype(np.int64)))
 
 
 class ReformulationSink(Datasink[TaskResult]):
-    def __init__(self, reformulator: VectorReformulator, output: StagedOutput, sources: Sources, batch_size: int,
-                 on_bad_file: str, storage: Storage, deferred: dict[int, np.ndarray] | None = None,
+    """The main pass: each block names work units (io.units); a task reads, reformulates and writes them, and sets
+    the deferred rows (duplicates.passes.Positions) aside in one scratch file per unit."""
+
+    def __init__(self, reformulator: VectorReformulator, output: StagedOutput, sources: Sources, units: list[WorkUnit],
+                 batch_size: int, on_bad_file: str, storage: Storage, deferred: Positions | None = None,
                  scratch: str | None = None):
-        self.reformulator, self.output, self.sources = reformulator, output, sources
+        self.reformulator, self.output, self.sources, self.units = reformulator, output, sources, units
         self.batch_size, self.on_bad_file, self.storage = batch_size, on_bad_file, storage
-        self.deferred, self.scratch = deferred or {}, scratch
+        self.deferred, self.scratch = deferred or Positions(), scratch
         self.result = TaskResult()
 
     def write(self, blocks: Iterable, ctx) -> TaskResult:
         result = TaskResult(nodes={ray.get_runtime_context().get_node_id()})
-        sources = [s for block in blocks for s in BlockAccessor.for_block(block).to_arrow().column(SOURCE_COLUMN)
-                   .to_pylist()]
+        indices = [u for block in blocks for u in BlockAccessor.for_block(block).to_arrow().column(UNIT).to_pylist()]
         with PartFiles(self.output, f"{ctx.task_idx:05d}", self.storage) as parts:
-            for source in sources:
-                self._source(source, parts, result)
+            for index in indices:
+                self._unit(index, parts, result)
         return result
 
-    def _source(self, source: int, parts: PartFiles, result: TaskResult) -> None:
-        defer = self.deferred.get(source, np.zeros(0, dtype=np.int64))
-        name = self.sources.name(source)
+    def _unit(self, index: int, parts: PartFiles, result: TaskResult) -> None:
+        unit = self.units[index]
+        deferred = self.deferred.within(unit) if self.deferred.count else None
+        defer = deferred.column(ROW).to_numpy() if deferred is not None else np.zeros(0, dtype=np.int64)
+        name = self.sources.name(unit.source)
         try:
-            for first_row, batch in self.sources.batches(source, self.batch_size):
-                n = batch.num_rows if isinstance(batch, pa.Table) else len(batch)
-                lo, hi = np.searchsorted(defer, [first_row, first_row + n])
-                rows = defer[lo:hi] - first_row
+            for positions, batch in unit_batches(self.sources, unit, self.batch_size):
+                if not len(positions):
+                    continue
+                lo, hi = np.searchsorted(defer, [positions[0], positions[-1] + 1])
+                rows = np.searchsorted(positions, defer[lo:hi])  # positions rise within a unit
                 out = self.reformulator(batch, name, rows)
                 result.add(out)
                 parts.write_output(out)
                 if len(rows):
-                    uri = scratch_uri(self.scratch, source)
-                    parts.write_scratch(uri, deferred_table(batch, rows, source, first_row))
-                    if uri not in result.scratch:
-                        result.scratch.append(uri)
+                    uri = scratch_uri(self.scratch, index)
+                    parts.write_scratch(uri, deferred_table(batch, rows, unit.source, positions))
+                    if index not in result.scratch:
+                        result.scratch.append(index)
         except BadInputFile as e:
             if self.on_bad_file != "quarantine":
                 raise

@@ -4,6 +4,8 @@ Reformulation names pairs without an id by `content_digest` of their texts (`uf-
 correction and evaluation name id-less rows by `content_id` (the same hash over the row as canonical JSON, 64
 bits), and number identical rows `#2`, `#3`, ... in input order (identical rows are interchangeable, so which copy
 carries which suffix cannot change any result).
+
+`columns`: the same digests over Arrow columns, one batch at a time, and a 64-bit key for finding duplicates.
 """
 
 from __future__ import annotations
