@@ -36,7 +36,7 @@ def test_content_ids_and_holdout_are_the_per_row_digests():
     ids = content_ids([pa.array(t) for t in texts], "hh-").to_pylist()
     assert ids == [None if b is None else "hh-" + content_digest(a, b, c) for a, b, c in zip(*texts)]
     split = HoldoutSplit(0.4, 3)
-    assert split.held_out_column(pa.array(texts[0])).tolist() == [split.held_out(q) for q in texts[0]]
+    assert split.held_out_many(pa.array(texts[0])).tolist() == [split.held_out(q) for q in texts[0]]
 
 
 def test_json_strings_are_jsons_own():

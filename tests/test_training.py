@@ -300,7 +300,7 @@ def test_length_grouped_example_steps_with_zero2_validation_in_bench_mode(tiny_t
     (`save_checkpoints: false`): no checkpoint at all."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from metaaligner.training.validation import ValidationConfig
+    from metaaligner.training.config import ValidationConfig
 
     cfg, _ = tiny_train
     cfg = cfg.model_copy(update={"packing": False, "attn_implementation": "sdpa", "log_sample_ids": True,

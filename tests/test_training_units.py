@@ -487,7 +487,8 @@ def test_validation_rows_by_first_n_and_fraction_and_a_lockstep_eval_plan(tmp_pa
     import pytest
 
     from metaaligner.storage import Storage
-    from metaaligner.training.validation import Selection, ValidationConfig, selection, validation_plan
+    from metaaligner.training.config import ValidationConfig
+    from metaaligner.training.validation import Selection, selection, validation_plan
 
     for k, ids in enumerate((["a", "b"], ["c", "d", "e"])):
         pq.write_table(pa.table({"id": ids}), tmp_path / f"part-{k}.parquet")

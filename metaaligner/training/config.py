@@ -8,11 +8,27 @@ from pydantic import Field, model_validator
 
 from metaaligner.chat_wrapper import ChatWrapper
 from metaaligner.section import Section
-from metaaligner.training.validation import ValidationConfig
 
 STAGES = ("warmup", "equal", "contrastive")
 CPU_ATTENTION = ("sdpa", "eager", "sdpa_varlen")  # the reference (block-diagonal mask) and the fast CPU varlen path
 GPU_ATTENTION = ("flash_attention_2", "torch_varlen", "flex_attention")  # varlen / block-mask kernels, GPU only
+
+
+class ValidationConfig(Section):
+    """Rows held out of each stage's data for an eval loss (like the authors' FastChat `--eval_data_path`)."""
+
+    fraction: float | None = Field(None, gt=0, lt=1, description="seeded share of each stage's rows")
+    first_n: int | None = Field(None, ge=1, description="the first N rows of the stage's files (sorted), then rows "
+                                                        "(the authors' val.json: the first 15,000 items)")
+    seed: int = Field(0, description="seed of the fraction's hash")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between eval losses (0: at the stage's end only; "
+                                                 "the authors' command: 49); the last step is always evaluated")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "ValidationConfig":
+        if (self.fraction is None) == (self.first_n is None):
+            raise ValueError("train.validation needs exactly one of fraction and first_n")
+        return self
 
 
 class StageConfig(Section):

@@ -1,7 +1,7 @@
 """Hashes over Arrow columns, one batch at a time: the column forms of the per-row digests, and a 64-bit key.
 
 - `digests`: BLAKE2b of every value of a binary/string column (the C hash per value over the column's own
-  buffer: no Python string per row). `content_ids` and `HoldoutSplit.held_out_column` build the bytes the per-row
+  buffer: no Python string per row). `content_ids` and `HoldoutSplit.held_out_many` build the bytes the per-row
   code hashes (`ids.content_digest`, `HoldoutSplit.held_out`) with `pyarrow.compute`, then hash them here, so the
   results are the same bit for bit.
 - `json_strings`: each string as `json.dumps(value, ensure_ascii=False)` writes it, so JSON documents can be

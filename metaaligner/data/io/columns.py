@@ -12,20 +12,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def _plain_type(t: pa.DataType) -> pa.DataType:
-    """The type with views as large types and dictionaries as their values, nested types included."""
+def _nested(t: pa.DataType, leaf) -> pa.DataType:
+    """`t` with `leaf` applied to every type that is not a list or a struct, lists and structs rebuilt around it."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        field = t.value_field.with_type(_nested(t.value_type, leaf))
+        return pa.list_(field) if pa.types.is_list(t) else pa.large_list(field)
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_nested(t.field(i).type, leaf)) for i in range(t.num_fields)])
+    return leaf(t)
+
+
+def _plain_leaf(t: pa.DataType) -> pa.DataType:
     if pa.types.is_dictionary(t):
         return _plain_type(t.value_type)
     if pa.types.is_string_view(t):
         return pa.large_string()
     if pa.types.is_binary_view(t):
         return pa.large_binary()
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        field = t.value_field.with_type(_plain_type(t.value_type))
-        return pa.list_(field) if pa.types.is_list(t) else pa.large_list(field)
-    if pa.types.is_struct(t):
-        return pa.struct([t.field(i).with_type(_plain_type(t.field(i).type)) for i in range(t.num_fields)])
     return t
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    """The type with views as large types and dictionaries as their values, nested types included."""
+    return _nested(t, _plain_leaf)
 
 
 def plain(array: pa.Array) -> pa.Array:
@@ -101,18 +110,12 @@ def _value_bytes(array: pa.Array) -> np.ndarray:
     return np.zeros(len(array), dtype=np.int64)
 
 
+_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+
+
 def _binary_type(t: pa.DataType) -> pa.DataType:
     """The plain type with every text as bytes, nested types included."""
-    if pa.types.is_string(t):
-        return pa.binary()
-    if pa.types.is_large_string(t):
-        return pa.large_binary()
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        field = t.value_field.with_type(_binary_type(t.value_type))
-        return pa.list_(field) if pa.types.is_list(t) else pa.large_list(field)
-    if pa.types.is_struct(t):
-        return pa.struct([t.field(i).with_type(_binary_type(t.field(i).type)) for i in range(t.num_fields)])
-    return t
+    return _nested(t, lambda leaf: _BYTES.get(leaf, leaf))
 
 
 def _values(array: pa.Array) -> list:

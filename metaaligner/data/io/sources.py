@@ -93,19 +93,32 @@ class Sources:
                                                                       columns))
 
 
-def _classified(path: str, batches: Iterator) -> Iterator[tuple[int, object]]:
-    offset = 0
+def guarded(path: str, items: Iterator, rows_of) -> Iterator:
+    """The items of one file's reader; a failure other than a storage outage becomes a BadInputFile that names the
+    rows read before it (`rows_of(item)`: an item's row count)."""
+    rows = 0
     while True:
         try:
-            batch = next(batches)
+            item = next(items)
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 — an outage propagates, anything else is a bad file
             if is_storage_outage(e):
                 raise
-            raise BadInputFile(path, f"{type(e).__name__}: {e}", offset) from e
+            raise BadInputFile(path, f"{type(e).__name__}: {e}", rows) from e
+        yield item
+        rows += rows_of(item)
+
+
+def _rows(batch) -> int:
+    return batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+
+
+def _classified(path: str, batches: Iterator) -> Iterator[tuple[int, object]]:
+    offset = 0
+    for batch in guarded(path, batches, _rows):
         yield offset, batch
-        offset += batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+        offset += _rows(batch)
 
 
 def _blocks(ref, batch_size: int, columns: list[str] | None) -> Iterator[tuple[int, pa.Table]]:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from metaaligner.data.io.sources import _CHUNK, BadInputFile, Sources, is_storage_outage
+from metaaligner.data.io.sources import _CHUNK, Sources, guarded, is_storage_outage
 
 MIN_UNIT_BYTES = 32 << 20  # a file this small is never split
 UNITS_PER_CPU = 4  # aim: this many units per CPU, so that uneven units still balance
@@ -71,18 +71,7 @@ def unit_batches(sources: Sources, unit: WorkUnit, batch_size: int,
         reader = _row_groups(sources.filesystem, path, unit, batch_size, columns)
     else:
         reader = jsonl_range(sources.filesystem, path, *unit.byte_range, batch_size)
-    rows = 0
-    while True:
-        try:
-            positions, batch = next(reader)
-        except StopIteration:
-            return
-        except Exception as e:  # noqa: BLE001 — an outage propagates, anything else is a bad file
-            if is_storage_outage(e):
-                raise
-            raise BadInputFile(path, f"{type(e).__name__}: {e}", rows) from e
-        rows += len(positions)
-        yield positions, batch
+    yield from guarded(path, reader, lambda item: len(item[0]))
 
 
 def _row_groups(fs, path: str, unit: WorkUnit, batch_size: int,
