@@ -104,3 +104,19 @@ def test_adapter_for_another_model_or_with_unsupported_options_is_refused(tiny_m
     cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(AdapterError, match="use_dora"):
         AdapterSet(model, {"a": wrong_rank})
+
+
+def test_prefix_cache_is_never_shared_across_adapters(tiny_model_dir, adapters):
+    """A prompt's cached KV pages were computed with one adapter: the same prompt under another adapter must not
+    reuse them (with prefix caching on, as by default), so each adapter's answer equals PEFT's own."""
+    config = CorrectorConfig(model=str(tiny_model_dir), engine="hf", hf={"page_size": 16, "prefix_caching": True},
+                             generation={"max_new_tokens": NEW_TOKENS, "max_new_tokens_limit": 64})
+    engine = create_engine(config, adapters=adapters, max_batch_size=8, batch_wait_timeout_s=0.01)
+    try:
+        ids = _prompt_ids(engine, 3)[2]
+        assert len(ids) > 3 * 16  # several complete pages to share
+        for adapter in (adapters[0], adapters[1], None):  # the same prompt, one adapter after the other
+            text = engine.generate_batch([ids], [GenerationParams(NEW_TOKENS, 0.0, 1.0, adapter)])[0].text
+            assert text == _peft_reference(tiny_model_dir, adapter, ids, engine.encoder), adapter
+    finally:
+        engine.close()
