@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from test_reformulate_outputs import write_pairs
 
 from metaaligner import storage as st
 from metaaligner.cli import main as cli_main
@@ -24,25 +25,12 @@ from metaaligner.data.reformulate.job import run_reformulation
 from metaaligner.outputs import OutputError, read_manifest
 from metaaligner.storage import Storage
 
-ROW = {"response_1": "The lamp is red. Hope this helps.", "response_2": "the lamp is really red!",
-       "preferences": json.dumps({"Politeness": "=", "Conciseness": ">", "Calmness": ">", "Capitalization": "<"})}
-
 
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path)
     return f"s3://{request.getfixturevalue('s3_bucket')}"
-
-
-def write_pairs(uri: str, storage: Storage, files: int, per_file: int) -> None:
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    for f in range(files):
-        ids = [f"p{f}-{k}" for k in range(per_file)]
-        table = pa.table({"id": ids, "question": [f"Tell me about the lamp ({i})." for i in ids],
-                          **{c: [v] * per_file for c, v in ROW.items()}})
-        pq.write_table(table, f"{path}/part-{f}.parquet", filesystem=fs)
 
 
 def wait_for_lease(uri: str, storage: Storage, proc: subprocess.Popen, timeout_s: float = 120) -> dict:
