@@ -505,3 +505,62 @@ def test_replayed_batches_are_the_per_row_path_with_the_decided_owners(fmt):
     got = replay_batch(reformulator, raw, "src.parquet", at, candidates)
     assert_outputs(got, expected)
     assert expected.counts["quarantined.duplicate_id"] > 10
+
+
+def _extra_columns(rng, n) -> dict:
+    """Columns a canonical file may carry beside the pair: numbers json writes with and without an exponent,
+    booleans, nulls, control characters (json's \\u00XX) and a list (no column form)."""
+    floats = [rng.choice([0.0, -0.0, 1.0, 0.1, 1e-5, 2.5e-4, 1e16, 123456.789, float("nan"), None, -3.0])
+              for _ in range(n)]
+    return {"score": pa.array(floats, pa.float64()), "half": pa.array(floats, pa.float32()),
+            "count": pa.array([rng.choice([0, -7, 2**63 - 1, None]) for _ in range(n)], pa.int64()),
+            "flag": pa.array([rng.choice([True, False, None]) for _ in range(n)]),
+            "note": pa.array([rng.choice(["ok", "ctl\x01", "tab\t\"q\"", None, "ü"]) for _ in range(n)])}
+
+
+@pytest.mark.parametrize("variant", ["canonical extra columns", "canonical list column", "hh as score writes it",
+                                     "hh integer and one-sided scores", "hh oversize rows"])
+def test_losing_rows_are_quarantined_column_wise_as_the_per_row_path_does(variant):
+    """Every row of a batch loses its id: `VectorReformulator.lose` writes the `duplicate_id` records column-wise
+    (json_text), the per-row path with the same owners writes them with json.dumps: the same records, counters
+    and row-size rule (an oversize row is `row_too_large`, as the per-row path decides it, not `duplicate_id`)."""
+    from metaaligner.data.reformulate.owners import PositionOwners
+    from metaaligner.data.reformulate.resolve import replay_batch
+
+    rng = random.Random(variant)
+    fmt, objectives, decimals, template, limit = "canonical", UF, 1, get_template("paper"), 1 << 20
+    if variant.startswith("canonical"):
+        table = canonical_table(rng, 200, UF, junk=0.1)
+        for name, column in _extra_columns(rng, table.num_rows).items():
+            table = table.append_column(name, column)
+        if variant == "canonical list column":
+            table = table.append_column("tags", pa.array([[f"t{i}"] for i in range(table.num_rows)]))
+    else:
+        fmt, objectives, decimals, template = "hh_rlhf_scores", HH, None, get_template("hh_rlhf")
+        table = scored_table(rng, 200)
+        if variant == "hh integer and one-sided scores":
+            table = _with(table, "chosen_score2", pa.array([rng.randint(-3, 3) for _ in range(200)], pa.int64()))
+            table = _with(table, "rejected_score2", pa.array([rng.randint(-3, 3) for _ in range(200)], pa.int64()))
+            table = table.drop_columns(["rejected_score3"])
+        if variant == "hh oversize rows":
+            answers = table.column("chosen_response").to_pylist()
+            answers[3] = answers[8] = "y" * 40_000
+            table = _with(table, "chosen_response", pa.array(answers))
+            limit = 30_000
+    n = table.num_rows
+    lost = {(row, 0) for row in range(n)}
+    expected = Reformulator(fmt, objectives, template, 7, decimals, HoldoutSplit(0.0, 0), PositionOwners(lost),
+                            limit)(python_rows(table), "src.parquet", "")
+    reformulator = VectorReformulator(fmt, objectives, template, 7, decimals, HoldoutSplit(0.0, 0), limit)
+    per_row = reformulator.per_row.lose_rows
+    by_python = []
+    reformulator.per_row.lose_rows = lambda rows, source: by_python.append(len(rows)) or per_row(rows, source)
+    got = replay_batch(reformulator, table, "src.parquet", np.arange(n), np.zeros(n, np.int32))
+    assert_outputs(got, expected)
+    assert expected.counts["quarantined.duplicate_id"] > n // 2
+    if variant == "canonical list column":
+        assert sum(by_python) > n // 2  # no column form: every checked row's record is written by Python
+    else:
+        assert sum(by_python) < expected.counts["quarantined.duplicate_id"] // 2
+    if variant == "hh oversize rows":
+        assert expected.counts["quarantined.row_too_large"] == 2

@@ -4,8 +4,6 @@
   buffer: no Python string per row). `content_ids` and `HoldoutSplit.held_out_many` build the bytes the per-row
   code hashes (`ids.content_digest`, `HoldoutSplit.held_out`) with `pyarrow.compute`, then hash them here, so the
   results are the same bit for bit.
-- `json_strings`: each string as `json.dumps(value, ensure_ascii=False)` writes it, so JSON documents can be
-  joined column-wise and hashed (`rule.pair_digest`'s bytes, in the resolve step).
 - `hash64`: a 64-bit hash of every value, in numpy (a polynomial over the bytes, finished with splitmix64). It is
   for FINDING equal values (duplicate-id candidates) and spreading them over partitions, never for naming
   anything: equal inputs always give equal hashes, and different inputs collide with probability ~2^-64 for
@@ -20,39 +18,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from metaaligner.data.io.columns import binary_array, buffer_layout
+
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _MULTIPLIER = 0x9E3779B97F4A7C15  # odd: powers of it are invertible mod 2^64
 _LENGTH_SALT = np.uint64(0xD6E8FEB86659FD93)
 _powers = np.ones(1, dtype=np.uint64)
 
 
-def _binary(array) -> pa.Array:
-    """A string/binary column (chunked or not, large or not) as one BinaryArray over its own buffers."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
-    if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type):
-        array = array.cast(pa.large_binary()).cast(pa.binary())
-    elif pa.types.is_string(array.type):
-        array = array.view(pa.binary())
-    elif not pa.types.is_binary(array.type):
-        raise TypeError(f"expected a string or binary column, got {array.type}")
-    return array
-
-
-def _layout(array: pa.Array) -> tuple[np.ndarray, memoryview | None]:
-    """(offsets: n + 1 int64 positions into the data buffer, the data buffer)."""
-    _, offsets, data = array.buffers()
-    starts = np.frombuffer(offsets, dtype=np.int32, count=len(array) + 1, offset=array.offset * 4).astype(np.int64)
-    return starts, (memoryview(data) if data is not None else None)
-
-
 def digests(array, digest_size: int) -> bytes:
     """BLAKE2b (`digest_size` bytes) of every value, concatenated in row order (a null value's bytes are whatever
     its slot holds: callers mask nulls)."""
-    array = _binary(array)
+    array = binary_array(array)
     if not len(array):
         return b""
-    offsets, data = _layout(array)
+    offsets, data = buffer_layout(array)
     data = data if data is not None else memoryview(b"")
     blake2b = hashlib.blake2b
     bounds = offsets.tolist()
@@ -82,36 +62,6 @@ def content_ids(columns: list[pa.Array], prefix: str) -> pa.StringArray:
     return ids if joined.null_count == 0 else pc.if_else(pc.is_valid(joined), ids, pa.scalar(None, pa.string()))
 
 
-_JSON_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
-                 ord("\b"): "\\b", ord("\f"): "\\f"}
-_SPECIAL = np.zeros(256, dtype=bool)  # bytes json escapes: control characters, '"' and '\\'
-_SPECIAL[:32] = _SPECIAL[ord('"')] = _SPECIAL[ord("\\")] = True
-
-
-def json_strings(array: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """(`json.dumps(v, ensure_ascii=False)` of every string, ok): quotes added and `\\`, `"`, newline, return, tab,
-    backspace and form feed escaped as json writes them; `ok` is False for nulls and for values holding other
-    control characters (json writes those as \\u00XX: callers leave such rows to Python). One pass over the
-    column's bytes finds which of them occur; only those are replaced."""
-    binary = _binary(array)
-    array = binary.view(pa.string())
-    offsets, data = _layout(binary)
-    ok = pc.fill_null(pc.is_valid(array), False).to_numpy(zero_copy_only=False).astype(bool)
-    text = array
-    if data is not None and offsets[-1] > offsets[0]:
-        values = np.frombuffer(data, dtype=np.uint8, count=int(offsets[-1] - offsets[0]), offset=int(offsets[0]))
-        hits = np.flatnonzero(_SPECIAL[values])
-        found = values[hits]
-        for byte in sorted(np.unique(found).tolist(), key=lambda b: b != ord("\\")):  # backslashes first
-            if byte in _JSON_ESCAPES:
-                text = pc.replace_substring(text, chr(byte), _JSON_ESCAPES[byte])
-            else:
-                rows = np.searchsorted(offsets - offsets[0], hits[found == byte], side="right") - 1
-                ok[rows] = False
-    quoted = pc.binary_join_element_wise(pa.scalar('"', array.type), text, pa.scalar('"', array.type), "")
-    return quoted, ok
-
-
 def _powers_up_to(n: int) -> np.ndarray:
     """_MULTIPLIER ** k mod 2^64 for k < n (grown by doubling, kept per process)."""
     global _powers
@@ -135,9 +85,9 @@ def hash64(array) -> np.ndarray:
     """A 64-bit hash (uint64) of every value of a string/binary column (callers mask nulls, as for `digests`).
 
     h = splitmix64(sum((byte_i + 1) * M^i) ^ length * SALT) mod 2^64, i counting from the value's first byte."""
-    array = _binary(array)
+    array = binary_array(array)
     n = len(array)
-    offsets, data = _layout(array)
+    offsets, data = buffer_layout(array)
     lengths = np.diff(offsets)
     total = int(offsets[-1] - offsets[0]) if n else 0
     sums = np.zeros(n, dtype=np.uint64)

@@ -142,3 +142,23 @@ def python_rows(table: pa.Table) -> list[dict]:
     except UnicodeDecodeError:
         columns = [_values(combined(c)) for c in table.columns]
         return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+
+
+def binary_array(array) -> pa.Array:
+    """A string/binary column (chunked or not, large or not) as one BinaryArray over its own buffers."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+    if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type):
+        array = array.cast(pa.large_binary()).cast(pa.binary())
+    elif pa.types.is_string(array.type):
+        array = array.view(pa.binary())
+    elif not pa.types.is_binary(array.type):
+        raise TypeError(f"expected a string or binary column, got {array.type}")
+    return array
+
+
+def buffer_layout(array: pa.Array) -> tuple[np.ndarray, memoryview | None]:
+    """(offsets: n + 1 int64 positions into the data buffer, the data buffer)."""
+    _, offsets, data = array.buffers()
+    starts = np.frombuffer(offsets, dtype=np.int32, count=len(array) + 1, offset=array.offset * 4).astype(np.int64)
+    return starts, (memoryview(data) if data is not None else None)

@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from metaaligner.data.contract import (ITEM_SCHEMA, MAX_ROW_BYTES, QUARANTINE_SCHEMA, SUBSETS, TEST_SCHEMA,
-                                       TEST_SUBSET)
+                                       TEST_SUBSET, utf8_safe)
 from metaaligner.data.io.columns import plain_table, python_rows, row_bytes
 from metaaligner.data.reformulate.column_algorithm import BETTER_1, BETTER_2, EQUAL, PairColumns, VectorAlgorithm
 from metaaligner.data.reformulate.column_checks import CanonicalColumns
+from metaaligner.data.reformulate.column_records import candidate_records
 from metaaligner.data.reformulate.holdout import HoldoutSplit, QuestionOverlap
-from metaaligner.data.reformulate.oracle import BatchResult, Reformulator
+from metaaligner.data.reformulate.oracle import DUPLICATE_ID, BatchResult, Reformulator, duplicate_detail
 from metaaligner.data.reformulate.owners import AllOwners
 from metaaligner.objectives import ObjectiveSet
 from metaaligner.prompts import Template
@@ -106,6 +107,38 @@ class VectorReformulator:
                 rows = [batch[i] for i in rest]
             out.add_rows(self.per_row(rows, source, ""))
         return out
+
+    def lose(self, table: pa.Table, source: str, out: BatchOutput) -> np.ndarray:
+        """Rows whose one pair lost its id to another copy: adds their `duplicate_id` quarantine records and
+        counters to `out`, as the per-row path gives them, and returns the rows that passed the column checks.
+        Records are written column-wise (column_records) where they can be, else by `Reformulator.lose_rows`;
+        rows that fail a check are left out: the caller runs them through the per-row path with the decided
+        owners."""
+        table = plain_table(table)
+        mapped = self.columns(table) if self.columns.supported and table.num_rows else None
+        if mapped is None:
+            return np.zeros(table.num_rows, dtype=bool)
+        pairs, checked = mapped
+        checked = checked & (row_bytes(table) <= self.max_row_bytes)  # the per-row path quarantines the others
+        rows = np.nonzero(checked)[0]
+        pairs, kept = pairs.take(rows), table.take(pa.array(rows, pa.int64()))
+        records = candidate_records(self.columns.format, self._settings[1], kept, pairs)
+        fast = records[1] if records is not None else np.zeros(len(rows), dtype=bool)
+        if fast.any():
+            index = pa.array(np.nonzero(fast)[0], pa.int64())
+            n = len(index)
+            details = pa.array([duplicate_detail(i) for i in pairs.ids.take(index).to_pylist()], pa.string())
+            quarantine = pa.Table.from_arrays([pa.array([DUPLICATE_ID] * n, pa.string()), details,
+                                               records[0].take(index), pa.array([utf8_safe(source)] * n, pa.string())],
+                                              schema=QUARANTINE_SCHEMA)
+            out.tables[QUARANTINE].append(quarantine)
+            for key in ("rows_read", "rows_adapted", "pairs_total", "pairs_quarantined", f"quarantined.{DUPLICATE_ID}"):
+                out.counts[key] += n
+            out.examples.setdefault(DUPLICATE_ID, quarantine.slice(0, 1).to_pylist()[0])
+        slow = rows[~fast]
+        if len(slow):
+            out.add_rows(self.per_row.lose_rows(python_rows(table.take(pa.array(slow, pa.int64()))), source))
+        return checked
 
     def _held_out(self, pairs: PairColumns, out: BatchOutput) -> None:
         """Evaluation rows of held-out valid pairs, as the format's `test_rows` makes them: hh_rlhf_scores: golden =

@@ -42,6 +42,11 @@ INTERNAL_ERROR = "internal_error"
 DUPLICATE_ID = "duplicate_id"
 
 
+def duplicate_detail(pair_id_text: str) -> str:
+    """The detail of a `duplicate_id` quarantine record."""
+    return f"id {pair_id_text!r} was already used by another pair"
+
+
 def _columns(schema) -> dict[str, list]:
     return {name: [] for name in schema.names}
 
@@ -146,8 +151,7 @@ class Reformulator:
         held: list[Pair] = []
         for (pair, record), owner in zip(row.valid, owners):
             if not owner:
-                self._quarantine(out, DUPLICATE_ID, f"id {pair_id(pair)!r} was already used by another pair", record,
-                                 row.source)
+                self._quarantine(out, DUPLICATE_ID, duplicate_detail(pair_id(pair)), record, row.source)
                 out.counts["pairs_quarantined"] += 1
                 continue
             if row.held_out:
@@ -200,8 +204,7 @@ class Reformulator:
             candidate = self.format.adapt(decode_record(raw), self.objectives, out.counts)[0]
             for key in ("rows_read", "rows_adapted", "pairs_total", "pairs_quarantined"):
                 out.counts[key] += 1
-            self._quarantine(out, DUPLICATE_ID, f"id {candidate['id']!r} was already used by another pair", candidate,
-                             source)
+            self._quarantine(out, DUPLICATE_ID, duplicate_detail(candidate["id"]), candidate, source)
         return out
 
     # -- per batch ----------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from metaaligner.data.ids.columns import digests, hash64, json_strings
+from metaaligner.data.ids.columns import digests, hash64
+from metaaligner.data.io.json_text import json_strings
 from metaaligner.data.duplicates.passes import LOCAL_LIMIT_BYTES, Positions, combine_by_key
 from metaaligner.data.duplicates.rule import CANDIDATE, KEY_SCHEMA, ROW, losers, pair_digest
 from metaaligner.data.io.columns import python_rows
@@ -142,24 +143,23 @@ def replay_batch(reformulator: VectorReformulator, raw, source: str, at: np.ndar
     """One batch of deferred rows, given its losing pairs (`at[i]`: the batch index of the row of losing pair i,
     `candidates[i]`: its index within the row). Rows without a losing pair take the batch path (column-wise,
     per-row fallback); a row whose one pair passed the column checks is quarantined as `duplicate_id` straight
-    away (`Reformulator.lose_rows`); any other row with a losing pair goes through the per-row path with those
-    owners."""
+    away (`VectorReformulator.lose`, column-wise); any other row with a losing pair goes through the per-row path
+    with those owners."""
     losing = np.unique(at)
     out = reformulator(raw, source, losing)
     if not len(losing):
         return out
-    index = pa.array(losing, pa.int64())
     checked = np.zeros(len(losing), dtype=bool)
-    if isinstance(raw, pa.Table) and reformulator.columns.supported:  # one pair per row
-        mapped = reformulator.columns(raw.take(index))
-        checked = mapped[1] if mapped is not None else checked
-    rows = python_rows(raw.take(index)) if isinstance(raw, pa.Table) else [raw[i] for i in losing]
-    out.add_rows(reformulator.per_row.lose_rows([r for r, ok in zip(rows, checked) if ok], source))
+    if isinstance(raw, pa.Table):  # one pair per row where the column checks pass
+        checked = reformulator.lose(raw.take(pa.array(losing, pa.int64())), source, out)
     rest = np.nonzero(~checked)[0]
     if len(rest):
-        slot = {int(losing[k]): i for i, k in enumerate(rest)}
-        lost = {(slot[a], c) for a, c in zip(at.tolist(), candidates.tolist()) if a in slot}
-        out.add_rows(reformulator.per_row_with(PositionOwners(lost))([rows[k] for k in rest], source, ""))
+        index = losing[rest]
+        rows = python_rows(raw.take(pa.array(index, pa.int64()))) if isinstance(raw, pa.Table) else \
+            [raw[i] for i in index]
+        slot = {int(a): i for i, a in enumerate(index)}
+        lost_pairs = {(slot[a], c) for a, c in zip(at.tolist(), candidates.tolist()) if a in slot}
+        out.add_rows(reformulator.per_row_with(PositionOwners(lost_pairs))(rows, source, ""))
     return out
 
 
