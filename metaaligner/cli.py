@@ -170,7 +170,7 @@ def _pipeline(args) -> int:
 def _demo(args) -> int:
     from metaaligner.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output=args.output, quick=args.quick))
+    run_demo(DemoConfig(output=args.output, quick=args.quick, base_model=args.base_model))
     return 0
 
 
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline locally: sample data -> train -> serve -> evaluate")
     p.add_argument("--output", default="demo_output")
     p.add_argument("--quick", action="store_true", help="a smaller, faster setting (CI)")
+    p.add_argument("--base-model", help="a local HF model folder (safetensors): train a LoRA corrector on it "
+                                        "(ZeRO-2) instead of a tiny model from scratch")
     p.set_defaults(func=_demo)
     return parser
 

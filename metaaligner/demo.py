@@ -1,10 +1,10 @@
 """`metaaligner demo`: the whole system on one machine, on sample data and a tiny model.
 
 Local Ray + the bundled S3 server (SeaweedFS): synthetic preference pairs -> reformulate -> warm-up /
-equal / contrastive training from scratch -> export -> Ray Serve corrections (incl. an unseen
-free-text objective) -> batch corrections of held-out questions -> rule-judged evaluation with plots
--> the learning check: per-objective win rates before/after, on an objective combination never
-seen together in training, and as objectives are added one at a time.
+equal / contrastive training from scratch (or LoRA on a local pretrained model: `--base-model`) -> export ->
+Ray Serve corrections (incl. an unseen free-text objective) -> batch corrections of held-out questions ->
+rule-judged evaluation with plots -> the learning check: per-objective win rates before/after, on an objective
+combination never seen together in training, and as objectives are added one at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class DemoConfig:
     output: str = "demo_output"
     quick: bool = False  # CI: fewer pairs and steps
     seed: int = 0
+    base_model: str | None = None  # a local HF model folder: LoRA on it instead of a tiny model from scratch
 
     @property
     def pairs(self) -> int:
@@ -54,16 +55,20 @@ def _train_config(data: str, base: str, out: str, cfg: DemoConfig):
     from metaaligner.training.config import TrainConfig
 
     s = cfg.steps
+    lr = 1e-3 if cfg.base_model else 2e-3  # LoRA on a pretrained model, or every weight of a random one
     return TrainConfig.model_validate({
         "data": data, "base_model": base, "output": out, "run_name": "demo", "max_length": 256,
         "packing": True, "num_workers": 2, "log_every": 20, "seed": cfg.seed,
         "validation": {"fraction": 0.05, "eval_every": 20},  # 5 % of each stage's rows held out: the eval loss
-        "deepspeed": {"zero_stage": 3, "precision": "fp32", "micro_batch_size": 8, "torch_adam": True,
-                      "weight_decay": 0.0, "betas": [0.9, 0.98]},
-        "warmup": {"fraction": 0.3, "epochs": 20, "max_steps": s["warmup"], "lr": 2e-3, "warmup_ratio": 0.05},
-        "equal": {"epochs": 20, "max_steps": s["equal"], "lr": 2e-3, "warmup_ratio": 0.05},
-        "contrastive": {"epochs": 20, "max_steps": s["contrastive"], "lr": 2e-3, "warmup_ratio": 0.05,
+        # a pretrained base: LoRA under ZeRO-2 (no per-module gathers of frozen weights), 512-token micro-batches
+        "deepspeed": {"zero_stage": 2 if cfg.base_model else 3, "precision": "fp32",
+                      "micro_batch_size": 2 if cfg.base_model else 8, "torch_adam": True, "weight_decay": 0.0,
+                      "betas": [0.9, 0.98]},
+        "warmup": {"fraction": 0.3, "epochs": 20, "max_steps": s["warmup"], "lr": lr, "warmup_ratio": 0.05},
+        "equal": {"epochs": 20, "max_steps": s["equal"], "lr": lr, "warmup_ratio": 0.05},
+        "contrastive": {"epochs": 20, "max_steps": s["contrastive"], "lr": lr, "warmup_ratio": 0.05,
                         "min_lr_ratio": 0.05},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "merge": True} if cfg.base_model else None,
     })
 
 
@@ -80,20 +85,28 @@ def _eval_items(cfg: DemoConfig) -> list[dict]:
     return items
 
 
-def _correct(items_uri: str, model: str, objectives: list[str], out_uri: str, storage: Storage) -> dict[str, str]:
-    """Batch-correct every item asking for `objectives`; returns id -> correction."""
+def _correct(items: list[dict], candidates: dict[str, list[str]], model: str, s3: str,
+             storage: Storage) -> dict[str, dict[str, str]]:
+    """Batch-correct every item once per candidate objective list, in one job (objectives per row); returns
+    candidate -> id -> correction."""
     import pyarrow.parquet as pq
 
     from metaaligner.serving.batch import run_correction
     from metaaligner.serving.config import CorrectConfig
 
-    cfg = CorrectConfig(model=model, template="paper", objectives="synthetic", input=items_uri, output=out_uri,
-                        default_objectives=objectives, batch_size=48, concurrency=2, num_cpus=1,
+    rows = [{**item, "id": f"{name}/{item['id']}", "objectives": objectives}
+            for name, objectives in candidates.items() for item in items]
+    storage.write_text(f"{s3}/eval/requests/requests.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = CorrectConfig(model=model, template="paper", objectives="synthetic", input=f"{s3}/eval/requests",
+                        output=f"{s3}/eval/corrected", batch_size=48, concurrency=2, num_cpus=1,
                         generation={"max_new_tokens": 64, "max_new_tokens_limit": 64})
     run_correction(cfg, storage)
-    fs, path = storage.filesystem(out_uri)
-    rows = pq.read_table(path, filesystem=fs, columns=["id", "correction"]).to_pylist()
-    return {r["id"]: (r["correction"] or "").strip() for r in rows}
+    fs, path = storage.filesystem(f"{s3}/eval/corrected")
+    corrections: dict[str, dict[str, str]] = {name: {} for name in candidates}
+    for r in pq.read_table(path, filesystem=fs, columns=["id", "correction"]).to_pylist():
+        name, item_id = r["id"].split("/", 1)
+        corrections[name][item_id] = (r["correction"] or "").strip()
+    return corrections
 
 
 def _serve_samples(model: str, items: list[dict], storage: Storage) -> list[dict]:
@@ -139,7 +152,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     from metaaligner.data.reformulate.job import run_reformulation
     from metaaligner.evaluation.config import EvaluateConfig
     from metaaligner.evaluation.job import run_evaluation
-    from metaaligner.modeling import create_tiny_model
     from metaaligner.s3server import LocalS3Server
     from metaaligner.training.trainer import run_training
 
@@ -171,19 +183,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(json.dumps({k: reformulated[k] for k in ("rows_read", "valid_pairs", "quarantined", "items")}))
         timings["reformulate"] = time.perf_counter() - t
 
-        t = _step("build a tiny Llama from scratch (tokenizer trained locally)")
-        corpus = [line for line in (out / "data" / "pairs.jsonl").read_text().splitlines()[:2000]]
-        from metaaligner.objectives import load_objective_set
-        from metaaligner.prompts import get_template
-
-        syn = load_objective_set("synthetic")
-        corpus += [get_template("paper").render(c, syn.render(syn.names), "q", "a") for c in ("better", "equal")] * 50
-        create_tiny_model(out / "models" / "base", corpus, vocab_size=1024, hidden_size=128, num_layers=4,
-                          num_heads=4, max_position_embeddings=512, seed=cfg.seed)
-        storage.copy_dir(str(out / "models" / "base"), f"{s3}/models/base")
+        if cfg.base_model:
+            t = _step(f"base model: {cfg.base_model} (LoRA, merged into each stage's export)")
+            storage.copy_dir(cfg.base_model, f"{s3}/models/base")
+        else:
+            t = _step("build a tiny Llama from scratch (tokenizer trained locally)")
+            _tiny_model(out, cfg.seed)
+            storage.copy_dir(str(out / "models" / "base"), f"{s3}/models/base")
         timings["model"] = time.perf_counter() - t
 
-        t = _step("train: warm-up -> equal -> contrastive (Ray Train, DeepSpeed ZeRO-3, 2 CPU workers)")
+        t = _step(f"train: warm-up -> equal -> contrastive (Ray Train, DeepSpeed ZeRO-{2 if cfg.base_model else 3}, "
+                  "2 CPU workers)")
         train = run_training(_train_config(f"{s3}/reformulated", f"{s3}/models/base", f"{s3}/train", cfg), storage)
         timings["train"] = time.perf_counter() - t
         corrector = str(out / "models" / "corrector")
@@ -198,12 +208,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         timings["serve"] = time.perf_counter() - t
 
         t = _step("batch-correct held-out questions (Ray Data actor pool)")
-        lines = "\n".join(json.dumps(i) for i in items) + "\n"
-        storage.write_text(f"{s3}/eval/items/items.jsonl", lines)
         candidates = {"corrected": list(OBJECTIVES), "held_out_pair": list(HELD_OUT)}
         candidates.update({f"zs{k}": list(OBJECTIVES[:k]) for k in range(1, len(OBJECTIVES))})
-        corrections = {name: _correct(f"{s3}/eval/items", corrector, objs, f"{s3}/eval/corrected-{name}", storage)
-                       for name, objs in candidates.items()}
+        corrections = _correct(items, candidates, corrector, s3, storage)
         rows = [{"id": i["id"], "question": i["question"], "golden": i["golden"], "original": i["answer"],
                  **{name: corrections[name][i["id"]] for name in candidates}} for i in items]
         storage.write_text(f"{s3}/eval/table/table.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
@@ -231,6 +238,19 @@ def run_demo(cfg: DemoConfig) -> dict:
         if ray.is_initialized():
             ray.shutdown()
         server.stop()
+
+
+def _tiny_model(out: Path, seed: int) -> None:
+    """A 4-layer Llama with a 1024-token BPE tokenizer trained on the demo's pairs and prompts."""
+    from metaaligner.modeling import create_tiny_model
+    from metaaligner.objectives import load_objective_set
+    from metaaligner.prompts import get_template
+
+    corpus = [line for line in (out / "data" / "pairs.jsonl").read_text().splitlines()[:2000]]
+    syn = load_objective_set("synthetic")
+    corpus += [get_template("paper").render(c, syn.render(syn.names), "q", "a") for c in ("better", "equal")] * 50
+    create_tiny_model(out / "models" / "base", corpus, vocab_size=1024, hidden_size=128, num_layers=4,
+                      num_heads=4, max_position_embeddings=512, seed=seed)
 
 
 def _learning_check(report, rows, train, reformulated, samples, timings, started, out) -> dict:

@@ -4,14 +4,13 @@ winners as on one node, with duplicates planted in files that the two nodes read
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_cluster_multinode import free_ports, start_node, stop_node, wait_for_nodes
+from test_cluster_multinode import free_ports, start_node, stop_nodes, wait_for_nodes
 
 from metaaligner.synthetic import make_pair
 
@@ -41,18 +40,8 @@ def two_nodes(s3_server, tmp_path):
         wait_for_nodes(address, 2)
         yield address
     finally:
-        for proc in reversed(nodes):
-            stop_quickly(proc)
+        stop_nodes(nodes)
         log.close()
-
-
-def stop_quickly(proc):
-    """A throwaway node: SIGKILL to its whole process group (a graceful stop takes ~10 s per node)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    stop_node(proc)  # reaps it and removes its temp dir
 
 
 def planted_input(bucket, storage, files=6, per_file=250):

@@ -73,7 +73,7 @@ def _offline_loss(base: Path, adapter: Path | None, rows: list[dict], max_length
     return float(loss) / len(batch.target_labels)
 
 
-@pytest.mark.slow  # ~80 s; the default run's Ray Train + DeepSpeed LoRA test: test_real_model.py (ZeRO-2)
+@pytest.mark.slow  # ~80 s; the default run's Ray Train + DeepSpeed LoRA tests: test_real_model.py (ZeRO-2, ZeRO-3)
 def test_stages_chain_one_adapter_and_resume(chained, tiny_model_dir):
     from metaaligner.training.tokenize import row_key
 

@@ -34,7 +34,7 @@ class HFEngineConfig(Section):
     page_size: int = Field(256, ge=4, description="tokens per KV-cache page")
     kv_cache_blocks: int | None = Field(
         None, ge=1, description="KV-cache pages (None: on GPU from free memory x kv_cache_memory_fraction; on CPU "
-        "enough for max_running_requests full contexts)")
+        "enough for max_running_requests full requests, at most 25 % of the memory available at start)")
     kv_cache_memory_fraction: float | None = Field(None, gt=0, le=0.95, description="GPU: share of free memory for the KV cache (None: transformers' default)")
     max_batch_tokens: int | None = Field(None, ge=16, description="tokens in one forward step (None: 8192 on GPU, 512 on CPU)")
     max_running_requests: int = Field(64, ge=1, description="requests decoded together in one step")

@@ -34,6 +34,7 @@ from metaaligner.serving.engines.hf_model import TextGenerator
 log = logging.getLogger(__name__)
 
 CPU_MAX_BATCH_TOKENS = 512  # the sdpa mask is max_batch_tokens x (cache + max_batch_tokens): keep it small on CPU
+CPU_KV_MEMORY_SHARE = 0.25  # on CPU the default KV cache takes at most this share of the memory available at start
 
 
 def _greedy_rows_processor(on_step):
@@ -71,6 +72,18 @@ class _Request:
     detok: IncrementalDetokenizer | None = field(default=None, repr=False)
 
 
+def _cpu_page_budget(model, page_size: int) -> int:
+    """KV-cache pages that fit in CPU_KV_MEMORY_SHARE of the memory available now (a real model's 8k context times
+    64 running requests would ask for tens of GB; requests beyond the pages wait for them)."""
+    import psutil
+
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    page_bytes = 2 * text.num_hidden_layers * kv_heads * head_dim * page_size * model.dtype.itemsize
+    return int(CPU_KV_MEMORY_SHARE * psutil.virtual_memory().available) // page_bytes
+
+
 class ContinuousHFEngine(Engine):
     name = "hf"
 
@@ -90,10 +103,13 @@ class ContinuousHFEngine(Engine):
         running = min(config.max_running_requests, max_running_requests or config.max_running_requests)
         blocks = config.kv_cache_blocks
         if blocks is None and on_cpu:  # on CPU the default would take 60 % of RAM: size for the running requests
-            # a request holds at most its prompt limit + the new-token limit (not a real model's whole 8k context)
+            # a request holds at most its prompt limit + the new-token limit (not a real model's whole 8k context),
+            # and all of them together at most CPU_KV_MEMORY_SHARE of the available memory
             longest = min(generator.context_length, (generator.encoder.max_input_tokens or generator.context_length)
                           + generator.config.generation.max_new_tokens_limit)
-            blocks = running * math.ceil(longest / config.page_size) + 1
+            per_request = math.ceil(longest / config.page_size)
+            blocks = min(running * per_request, max(per_request, _cpu_page_budget(model, config.page_size))) + 1
+        self.cache_pages = blocks  # None: transformers sizes the cache from free GPU memory
         cb = ContinuousBatchingConfig(
             page_size=config.page_size, num_blocks=blocks, max_memory_percent=config.kv_cache_memory_fraction,
             max_batch_tokens=config.max_batch_tokens or (CPU_MAX_BATCH_TOKENS if on_cpu else None),
