@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the real-model fixture is test support (tests/real_model.py)
 UNTIMED = 2
+
+
+def _own_peak_kib() -> int:
+    """VmHWM: this process's own peak RSS (ru_maxrss would also count the parent's, inherited through vfork + exec)."""
+    with open("/proc/self/status") as f:
+        return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1])
 
 
 def _ds_config(zero: int, lr: float) -> dict:
@@ -102,7 +107,7 @@ def child(mode: str, zero: int, steps: int, examples: int, max_length: int, out:
         "median_step_s": median, "tokens_per_s": sum(lengths) / median,
         "mfu": flops / (median * peak_flops_per_worker(False, None)), "trainable_params": int(trainable),
         "trainable_state_bytes_est": int(trainable) * (4 + 4 + 8),  # fp32 grad + fp32 master + Adam m, v
-        "losses": losses, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "losses": losses, "peak_rss_gb": _own_peak_kib() / 2**20,
     }))
 
 

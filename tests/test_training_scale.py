@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 SCRIPT = r"""
-import json, resource, time
+import json, time
 import numpy as np, pyarrow as pa
 from metaaligner.training.collate import collate_packed
 from metaaligner.training.length_mix import example_lengths
@@ -38,7 +38,9 @@ for start in range(0, n, 8192):
     store.add(select_keys(batch, mine))
 store.check_complete()
 micro = collate_packed(store, plan.rank_micros(0, rank)[0], 0)
-print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "steps": len(plan),
+# VmHWM: this process's own peak (ru_maxrss would also count the parent's peak, inherited through vfork + exec)
+peak_kib = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")).split()[1])
+print(json.dumps({"peak_rss_gib": peak_kib / 2**20, "steps": len(plan),
                   "held_examples": int(len(mine)), "held_tokens": int(store.tokens.size),
                   "store_gib": store.nbytes / 2**30, "plan_s": t_plan, "total_s": time.perf_counter() - t0,
                   "micro_tokens": int(micro.input_ids.shape[1]), "micro_max_length": micro.max_length}))
