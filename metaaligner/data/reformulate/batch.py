@@ -122,7 +122,7 @@ class VectorReformulator:
         checked = checked & (row_bytes(table) <= self.max_row_bytes)  # the per-row path quarantines the others
         rows = np.nonzero(checked)[0]
         pairs, kept = pairs.take(rows), table.take(pa.array(rows, pa.int64()))
-        records = candidate_records(self.columns.format, self._settings[1], kept, pairs)
+        records = candidate_records(self.columns.format, self.columns.objectives, kept, pairs)
         fast = records[1] if records is not None else np.zeros(len(rows), dtype=bool)
         if fast.any():
             index = pa.array(np.nonzero(fast)[0], pa.int64())
